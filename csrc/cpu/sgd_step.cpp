@@ -1,0 +1,76 @@
+// fusedaccum_C::sgd_step on CPU: one pass over a flat arena for SGD with momentum,
+// dampening, nesterov, weight decay and maximize, writing the fp32 master's low-precision
+// copy in the same pass when there is one. Nothing is written when found_inf is set.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../dispatch.h"
+#include "../elementwise.h"
+
+namespace fusedaccum {
+namespace {
+
+constexpr int64_t kGrain = 1 << 14;
+
+template <typename P, typename G, typename C>
+void sgd_loop(P* param, const G* grad, P* momentum_buffer, C* param_copy, int64_t begin,
+              int64_t end, float factor, const SgdConstants& c) {
+  const bool has_buf = c.momentum != 0.0f;
+  for (int64_t i = begin; i < end; ++i) {
+    float p = static_cast<float>(param[i]);
+    float buf = has_buf ? static_cast<float>(momentum_buffer[i]) : 0.0f;
+    sgd_element(p, static_cast<float>(grad[i]), buf, factor, c);
+    param[i] = static_cast<P>(p);
+    if (has_buf) momentum_buffer[i] = static_cast<P>(buf);
+    if (param_copy != nullptr) param_copy[i] = static_cast<C>(p);
+  }
+}
+
+void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad,
+                  const std::optional<at::Tensor>& momentum_buffer,
+                  const std::optional<at::Tensor>& param_copy, const at::Tensor& step,
+                  const at::Tensor& factor, const std::optional<at::Tensor>& found_inf, double lr,
+                  double momentum, double dampening, double weight_decay, bool nesterov,
+                  bool maximize) {
+  const int64_t n = param.numel();
+  TORCH_CHECK(param.is_contiguous() && grad.is_contiguous() && grad.numel() == n,
+              "sgd_step: param and grad must be contiguous and of one size");
+  TORCH_CHECK(momentum == 0.0 || momentum_buffer.has_value(), "sgd_step: momentum needs a buffer");
+  if (momentum_buffer.has_value()) {
+    TORCH_CHECK(momentum_buffer->is_contiguous() && momentum_buffer->numel() == n &&
+                momentum_buffer->scalar_type() == param.scalar_type(), "sgd_step: bad momentum_buffer");
+  }
+  if (param_copy.has_value()) {
+    TORCH_CHECK(param_copy->is_contiguous() && param_copy->numel() == n, "sgd_step: bad param_copy");
+  }
+  if (found_inf.has_value() && read_cpu_scalar(*found_inf) != 0.0f) return;
+
+  const SgdConstants c = sgd_constants(read_cpu_scalar(step), lr, momentum, dampening,
+                                       weight_decay, nesterov, maximize);
+  const float f = read_cpu_scalar(factor);
+  const at::ScalarType copy_type = param_copy.has_value() ? param_copy->scalar_type() : at::kFloat;
+
+  FUSEDACCUM_DISPATCH_FLOAT_TYPES(param.scalar_type(), "sgd_step_cpu", [&] {
+    using p_t = scalar_t;
+    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "sgd_step_cpu_grad", [&] {
+      using g_t = scalar_t;
+      FUSEDACCUM_DISPATCH_FLOAT_TYPES(copy_type, "sgd_step_cpu_copy", [&] {
+        using c_t = scalar_t;
+        p_t* p = param.data_ptr<p_t>();
+        const g_t* g = grad.data_ptr<g_t>();
+        p_t* buf = momentum_buffer.has_value() ? momentum_buffer->data_ptr<p_t>() : nullptr;
+        c_t* copy = param_copy.has_value() ? param_copy->data_ptr<c_t>() : nullptr;
+        at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+          sgd_loop(p, g, buf, copy, begin, end, f, c);
+        });
+      });
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedaccum_C, CPU, m) { m.impl("sgd_step", &sgd_step_cpu); }
+
+}  // namespace fusedaccum

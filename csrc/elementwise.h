@@ -1,0 +1,126 @@
+// Per-element math shared by the C++ CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda).
+//
+// Everything here is a C10_HOST_DEVICE inline function on floats, so the math the CUDA
+// kernels run is the same code the CPU kernels run (and CI tests) on machines without a GPU.
+// Loads and stores convert to and from float once; all arithmetic is in fp32, as torch.optim
+// does for fp32 tensors. The formulas follow torch.optim's single-tensor implementations
+// operation by operation, so results agree with torch.optim to fp32 rounding.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <cmath>
+
+namespace fusedaccum {
+
+C10_HOST_DEVICE inline bool is_finite(float x) {
+  // x - x is 0 for finite x and NaN for +-inf or NaN; works under fast-math, unlike isfinite.
+  return (x - x) == 0.0f;
+}
+
+// One element of a micro-batch fold: acc = (first ? 0 : acc) + scale * g.
+// The first micro-batch of a window overwrites, so the arena never needs zeroing.
+C10_HOST_DEVICE inline float accumulate_element(float acc, float g, float scale, bool first) {
+  return first ? scale * g : acc + scale * g;
+}
+
+// Step-wide Adam constants, computed once per launch from the (device-side) step count in
+// double precision, as torch.optim computes them in Python floats.
+struct AdamConstants {
+  float lr;
+  float beta1;
+  float beta2;
+  float one_minus_beta1;  // 1 - beta rounded once from double, as torch.optim's Python floats are
+  float one_minus_beta2;
+  float eps;
+  float weight_decay;
+  float decay_factor;           // 1 - lr * weight_decay, for decoupled (AdamW) decay
+  float step_size;              // lr / (1 - beta1^step)
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+  bool decoupled;
+  bool maximize;
+  bool amsgrad;
+};
+
+C10_HOST_DEVICE inline AdamConstants adam_constants(
+    double step, double lr, double beta1, double beta2, double eps, double weight_decay,
+    bool decoupled, bool maximize, bool amsgrad) {
+  AdamConstants c;
+  c.lr = static_cast<float>(lr);
+  c.beta1 = static_cast<float>(beta1);
+  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.eps = static_cast<float>(eps);
+  c.weight_decay = static_cast<float>(weight_decay);
+  c.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
+  c.step_size = static_cast<float>(lr / (1.0 - pow(beta1, step)));
+  c.bias_correction2_sqrt = static_cast<float>(sqrt(1.0 - pow(beta2, step)));
+  c.decoupled = decoupled;
+  c.maximize = maximize;
+  c.amsgrad = amsgrad;
+  return c;
+}
+
+// One Adam/AdamW element. g is the raw accumulated gradient; factor folds 1/N (or
+// 1/items), the inverse loss scale and the clip coefficient into one multiply.
+// max_v is read and written only when c.amsgrad.
+C10_HOST_DEVICE inline void adam_element(
+    float& p, float g, float& m, float& v, float& max_v, float factor, const AdamConstants& c) {
+  g *= factor;
+  if (c.maximize) g = -g;
+  if (c.weight_decay != 0.0f) {
+    if (c.decoupled) {
+      p *= c.decay_factor;
+    } else {
+      g += c.weight_decay * p;
+    }
+  }
+  m += (g - m) * c.one_minus_beta1;  // torch: exp_avg.lerp_(grad, 1 - beta1)
+  v = v * c.beta2 + c.one_minus_beta2 * g * g;
+  float denom_v = v;
+  if (c.amsgrad) {
+    max_v = max_v > v ? max_v : v;  // a NaN in v propagates, as torch.maximum does
+    denom_v = max_v;
+  }
+  const float denom = sqrtf(denom_v) / c.bias_correction2_sqrt + c.eps;
+  p += -c.step_size * (m / denom);
+}
+
+struct SgdConstants {
+  float lr;
+  float momentum;
+  float one_minus_dampening;
+  float weight_decay;
+  bool nesterov;
+  bool maximize;
+  bool first_step;  // torch.optim starts the momentum buffer as a copy of the gradient
+};
+
+C10_HOST_DEVICE inline SgdConstants sgd_constants(
+    double step, double lr, double momentum, double dampening, double weight_decay,
+    bool nesterov, bool maximize) {
+  SgdConstants c;
+  c.lr = static_cast<float>(lr);
+  c.momentum = static_cast<float>(momentum);
+  c.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  c.weight_decay = static_cast<float>(weight_decay);
+  c.nesterov = nesterov;
+  c.maximize = maximize;
+  c.first_step = step <= 1.0;  // the count already includes this step
+  return c;
+}
+
+// One SGD element; buf is read and written only when c.momentum != 0.
+C10_HOST_DEVICE inline void sgd_element(
+    float& p, float g, float& buf, float factor, const SgdConstants& c) {
+  g *= factor;
+  if (c.maximize) g = -g;
+  if (c.weight_decay != 0.0f) g += c.weight_decay * p;
+  if (c.momentum != 0.0f) {
+    buf = c.first_step ? g : buf * c.momentum + c.one_minus_dampening * g;
+    g = c.nesterov ? g + c.momentum * buf : buf;
+  }
+  p += -c.lr * g;
+}
+
+}  // namespace fusedaccum

@@ -1,0 +1,90 @@
+"""The public ops, one file each: schema, argument checks, fake kernel and backend table.
+
+Every op `fusedaccum::<name>` has four kernels with one signature:
+
+    torch   fusedaccum/reference.py          <name>()
+    cpp     csrc/cpu/<name>.cpp              (fusedaccum_C::<name>, CPU dispatch key)
+    cuda    csrc/cuda/<name>.cu              (fusedaccum_C::<name>, CUDA dispatch key)
+    triton  triton_kernels/<name>.py         <name>()
+
+The op's CPU and CUDA implementations check the arguments once, then call the kernel of the
+backend chosen by fusedaccum.backends.backend_for(device).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from fusedaccum import backends, reference
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _extension_kernel(name: str) -> Callable:
+    def run(*args):
+        backends.extension_loaded()
+        return getattr(torch.ops.fusedaccum_C, name)(*args)
+
+    return run
+
+
+def _triton_kernel(name: str) -> Callable:
+    def run(*args):
+        module = importlib.import_module(f"fusedaccum.triton_kernels.{name}")
+        return getattr(module, name)(*args)
+
+    return run
+
+
+def define(schema: str, check: Callable) -> dict[str, Callable]:
+    """Registers fusedaccum::<schema> and returns its backend table."""
+    name = schema.split("(", 1)[0]
+    qualname = f"fusedaccum::{name}"
+    table = {
+        "torch": getattr(reference, name),
+        "cpp": _extension_kernel(name),
+        "cuda": _extension_kernel(name),
+        "triton": _triton_kernel(name),
+    }
+    torch.library.define(qualname, schema[len(name):])
+
+    @torch.library.register_fake(qualname)
+    def _fake(*args):
+        check(*args)
+
+    def _run(*args):
+        check(*args)
+        table[backends.backend_for(args[0].device)](*args)
+
+    torch.library.impl(qualname, ["CPU", "CUDA"], _run)
+    return table
+
+
+def expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def check_float_dtype(t: torch.Tensor, what: str) -> None:
+    expect(t.dtype in DTYPES, f"{what} has dtype {t.dtype}; fusedaccum supports float32, bfloat16 and float16")
+
+
+def check_flat(t: torch.Tensor, what: str, like: torch.Tensor | None = None) -> None:
+    expect(t.layout == torch.strided, f"{what} is {t.layout}; fusedaccum needs dense tensors")
+    expect(t.dim() == 1 and t.is_contiguous(), f"{what} must be a flat contiguous 1-D tensor (an arena)")
+    check_float_dtype(t, what)
+    if like is not None:
+        expect(t.device == like.device, f"{what} is on {t.device} but the arena is on {like.device}")
+        expect(t.numel() == like.numel(), f"{what} has {t.numel()} elements, the arena {like.numel()}")
+
+
+def check_scalar(t: torch.Tensor | None, what: str, like: torch.Tensor) -> None:
+    if t is None:
+        return
+    expect(t.numel() == 1 and t.dtype == torch.float32, f"{what} must be a one-element float32 tensor")
+    expect(t.device == like.device, f"{what} is on {t.device} but the arena is on {like.device}")
+
+
+from fusedaccum.ops import accumulate, adam_step, sgd_step  # noqa: E402,F401  (registers the ops)

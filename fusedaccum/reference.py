@@ -1,0 +1,83 @@
+"""The pure PyTorch kernels: the "torch" backend, the oracle of the tests and the fallback.
+
+Written op by op from torch.optim's single-tensor formulas, in fp32 (step constants in
+float64 as torch.optim's Python floats), without host syncs: step, factor and found_inf stay
+on the device and skipping is a torch.where, so this backend is also capturable. It is
+meant to be obviously right, not fast.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def accumulate(arena, grads, offsets, scale, first, sumsq, found_inf) -> None:
+    total = torch.zeros((), dtype=torch.float64, device=arena.device)
+    for g, off in zip(grads, offsets):
+        dst = arena[off : off + g.numel()]
+        new = g.reshape(-1).float() * scale
+        if not first:
+            new = dst.float() + new
+        dst.copy_(new)
+        if sumsq is not None or found_inf is not None:
+            total += dst.double().square().sum()
+    if sumsq is not None:
+        sumsq += total.float()
+    if found_inf is not None:
+        # A double sum of squares of finite floats cannot overflow: non-finite means a NaN/inf.
+        found_inf.copy_(torch.where(total.isfinite(), found_inf, torch.ones_like(found_inf)))
+
+
+def _write_unless(skip, pairs) -> None:
+    """dst.copy_(new) for each pair, or leave every dst untouched when skip is set."""
+    for dst, new in pairs:
+        if skip is None:
+            dst.copy_(new)
+        else:
+            dst.copy_(torch.where(skip != 0, dst, new.to(dst.dtype)))
+
+
+def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, step, factor, found_inf,
+              lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize) -> None:
+    p = param.float()
+    g = grad.float() * factor
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = g + weight_decay * p
+    m = exp_avg.float().lerp(g, 1 - beta1)
+    v = exp_avg_sq.float() * beta2 + (1 - beta2) * g * g
+    step64 = step.double()
+    step_size = (lr / (1 - beta1**step64)).float()
+    bias_correction2_sqrt = (1 - beta2**step64).sqrt().float()
+    writes = [(exp_avg, m), (exp_avg_sq, v)]
+    if max_exp_avg_sq is not None:
+        v = torch.maximum(max_exp_avg_sq.float(), v)
+        writes.append((max_exp_avg_sq, v))
+    p = p - step_size * (m / (v.sqrt() / bias_correction2_sqrt + eps))
+    writes.append((param, p))
+    if param_copy is not None:
+        writes.append((param_copy, p))
+    _write_unless(found_inf, writes)
+
+
+def sgd_step(param, grad, momentum_buffer, param_copy, step, factor, found_inf,
+             lr, momentum, dampening, weight_decay, nesterov, maximize) -> None:
+    p = param.float()
+    g = grad.float() * factor
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    writes = []
+    if momentum != 0:
+        buf = torch.where(step <= 1, g, momentum_buffer.float() * momentum + (1 - dampening) * g)
+        writes.append((momentum_buffer, buf))
+        g = g + momentum * buf if nesterov else buf
+    p = p - lr * g
+    writes.append((param, p))
+    if param_copy is not None:
+        writes.append((param_copy, p))
+    _write_unless(found_inf, writes)

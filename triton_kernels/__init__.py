@@ -1,0 +1,1 @@
+"""Triton kernels of the fusedaccum ops (installed as fusedaccum.triton_kernels)."""
