@@ -1,6 +1,16 @@
-"""fusedaccum: cheap, exact gradient accumulation for PyTorch."""
+"""fusedaccum: cheap, exact gradient accumulation for PyTorch.
+
+    opt = fa.AdamW(model.parameters(), lr=1e-3)
+    acc = fa.GradAccumulator(opt, accumulation_steps=4, max_grad_norm=1.0)
+    for x, y in loader:
+        acc.backward(criterion(model(x), y))
+        if acc.step():
+            scheduler.step()
+"""
 from fusedaccum import ops  # noqa: F401  (registers the fusedaccum:: ops)
+from fusedaccum.accumulator import GradAccumulator
 from fusedaccum.backends import backends, set_backend
+from fusedaccum.optim import SGD, Adam, AdamW
 
 __version__ = "0.1.0"
-__all__ = ["backends", "set_backend"]
+__all__ = ["SGD", "Adam", "AdamW", "GradAccumulator", "backends", "set_backend"]

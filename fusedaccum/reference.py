@@ -10,21 +10,27 @@ from __future__ import annotations
 import torch
 
 
+def add_sum_of_squares(x, sumsq, found_inf) -> None:
+    """sumsq += sum(x^2) (in float64); found_inf = 1 if any x is not finite."""
+    total = x.double().square().sum()
+    if sumsq is not None:
+        sumsq += total.float()
+    if found_inf is not None:
+        # A double sum of squares of finite floats cannot overflow: non-finite means a NaN/inf.
+        found_inf.copy_(torch.where(total.isfinite(), found_inf, torch.ones_like(found_inf)))
+
+
 def accumulate(arena, grads, offsets, scale, first, sumsq, found_inf) -> None:
-    total = torch.zeros((), dtype=torch.float64, device=arena.device)
+    written = []
     for g, off in zip(grads, offsets):
         dst = arena[off : off + g.numel()]
         new = g.reshape(-1).float() * scale
         if not first:
             new = dst.float() + new
         dst.copy_(new)
-        if sumsq is not None or found_inf is not None:
-            total += dst.double().square().sum()
-    if sumsq is not None:
-        sumsq += total.float()
-    if found_inf is not None:
-        # A double sum of squares of finite floats cannot overflow: non-finite means a NaN/inf.
-        found_inf.copy_(torch.where(total.isfinite(), found_inf, torch.ones_like(found_inf)))
+        written.append(dst)
+    if (sumsq is not None or found_inf is not None) and written:
+        add_sum_of_squares(torch.cat(written), sumsq, found_inf)
 
 
 def _write_unless(skip, pairs) -> None:
