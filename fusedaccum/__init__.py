@@ -9,7 +9,7 @@
 """
 from fusedaccum import ops  # noqa: F401  (registers the fusedaccum:: ops)
 from fusedaccum.accumulator import GradAccumulator
-from fusedaccum.backends import backends, set_backend
+from fusedaccum.dispatch import backends, set_backend
 from fusedaccum.optim import SGD, Adam, AdamW
 
 __version__ = "0.1.0"

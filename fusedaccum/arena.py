@@ -44,6 +44,7 @@ class Arena:
         # their step counts are equal and one launch can serve them (known on the host
         # without reading the device-side counts).
         self.step_class = [0] * len(params)
+        self.published = [False] * len(params)  # optimizer.state[p] holds views of this arena
 
     @property
     def state_dtype(self) -> torch.dtype:

@@ -21,6 +21,7 @@ class FusedOptimizer:
     """Mixin over a torch.optim class: arenas, fused step, state_dict interop."""
 
     _state_names: tuple[str, ...] = ()
+    _publish_step = True
 
     def _init_fused(self, kwargs: dict) -> dict:
         self.master_weights = bool(kwargs.pop("master_weights", False))
@@ -127,15 +128,19 @@ class FusedOptimizer:
         return self._state_names
 
     def _publish_state(self, arena: Arena, touched: list[bool], group: dict) -> None:
-        """Makes self.state[p] hold views of the arena for parameters that get their first step."""
+        """Makes self.state[p] hold views of the arena for parameters that get their first step,
+        with torch.optim's keys (SGD keeps no step count there, as torch.optim.SGD)."""
         names = self._state_names_for(group)
         for i, p in enumerate(arena.params):
-            if touched[i] and "step" not in self.state.get(p, {}):
-                entry = {"step": arena.steps[i]}
-                for name in names:
-                    entry[name] = arena.view(arena.state[name], i)
-                if arena.master is not None:
-                    entry["master_param"] = arena.view(arena.master, i)
+            if not touched[i] or arena.published[i]:
+                continue
+            arena.published[i] = True
+            entry = {"step": arena.steps[i]} if self._publish_step else {}
+            for name in names:
+                entry[name] = arena.view(arena.state[name], i)
+            if arena.master is not None:
+                entry["master_param"] = arena.view(arena.master, i)
+            if entry:
                 self.state[p] = entry
 
     @staticmethod
@@ -156,6 +161,7 @@ class FusedOptimizer:
         by_param = {p: raw[i] for p, i in zip(ours, saved_ids) if i in raw}
         self.state.clear()
         for arena in self._arenas:
+            arena.published = [False] * len(arena.params)
             group = self.param_groups[arena.group_index]
             names = self._state_names_for(group)
             arena.ensure_state(names)
@@ -223,6 +229,7 @@ class AdamW(Adam, torch.optim.AdamW):
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
+    _publish_step = False
     def __init__(self, params, *args, **kwargs):
         super().__init__(params, *args, **self._init_fused(kwargs))
 

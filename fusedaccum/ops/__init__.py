@@ -8,7 +8,7 @@ Every op `fusedaccum::<name>` has four kernels with one signature:
     triton  triton_kernels/<name>.py         <name>()
 
 The op's CPU and CUDA implementations check the arguments once, then call the kernel of the
-backend chosen by fusedaccum.backends.backend_for(device).
+backend chosen by fusedaccum.dispatch.backend_for(device).
 """
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from typing import Callable
 
 import torch
 
-from fusedaccum import backends, reference
+from fusedaccum import dispatch, reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _extension_kernel(name: str) -> Callable:
     def run(*args):
-        backends.extension_loaded()
+        dispatch.extension_loaded()
         return getattr(torch.ops.fusedaccum_C, name)(*args)
 
     return run
@@ -56,7 +56,7 @@ def define(schema: str, check: Callable) -> dict[str, Callable]:
 
     def _run(*args):
         check(*args)
-        table[backends.backend_for(args[0].device)](*args)
+        table[dispatch.backend_for(args[0].device)](*args)
 
     torch.library.impl(qualname, ["CPU", "CUDA"], _run)
     return table

@@ -1,0 +1,139 @@
+"""fa.SGD / fa.Adam / fa.AdamW against torch.optim: a hyperparameter grid, two param groups, an
+LR scheduler, parameters that skip steps, and state_dicts in both directions."""
+import copy
+
+import pytest
+import torch
+from conftest import interpreted
+
+import fusedaccum as fa
+
+
+def make_params(device, dtype=torch.float32, big=True):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(33, 17), (17,), (1,), (0,), (5, 3, 2)] + ([(300, 101)] if big else [])
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in shapes]
+
+
+def grads_for(params, step, device):
+    gen = torch.Generator().manual_seed(100 + step)
+    out = []
+    for i, p in enumerate(params):
+        g = torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype)
+        # parameter 1 gets a gradient only on even steps: torch.optim skips it otherwise
+        out.append(None if (i == 1 and step % 2) else g)
+    return out
+
+
+def run(opt_cls, params, kwargs, steps, device, groups=False, scheduler=False):
+    if groups:
+        spec = [{"params": params[:2], "lr": kwargs.get("lr", 1e-3) * 3}, {"params": params[2:]}]
+    else:
+        spec = params
+    opt = opt_cls(spec, **kwargs)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if scheduler else None
+    for s in range(steps):
+        for p, g in zip(params, grads_for(params, s, device)):
+            p.grad = g
+        opt.step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+    return opt
+
+
+GRID = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True)),
+    ("Adam", dict(lr=1e-2)),
+    ("Adam", dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)),
+    ("Adam", dict(lr=1e-2, eps=1e-6, maximize=True)),
+    ("AdamW", dict()),
+    ("AdamW", dict(lr=1e-2, weight_decay=0.5, amsgrad=True, maximize=True)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", GRID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(GRID)])
+@pytest.mark.parametrize("groups,scheduler", [(False, False), (True, True)])
+def test_matches_torch_optim(device_backend, name, kwargs, groups, scheduler):
+    device, backend = device_backend
+    big = not interpreted(device, backend)
+    ref = make_params(device, big=big)
+    ours = make_params(device, big=big)
+    torch_opt = run(getattr(torch.optim, name), ref, kwargs, 5, device, groups, scheduler)
+    fa_opt = run(getattr(fa, name), ours, kwargs, 5, device, groups, scheduler)
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # Same state keys and values per parameter (fa adds a step count to SGD's state).
+    sd_t, sd_f = torch_opt.state_dict(), fa_opt.state_dict()
+    assert sd_t["param_groups"] == [{**g} for g in sd_f["param_groups"]]
+    for k, st in sd_t["state"].items():
+        for key, val in st.items():
+            torch.testing.assert_close(sd_f["state"][k][key].to(val.device).float(), val.float(), rtol=1e-5, atol=1e-6)
+    assert set(sd_t["state"]) == set(sd_f["state"])
+
+
+def test_defaults_match_torch():
+    for name in ("SGD", "Adam", "AdamW"):
+        p = [torch.nn.Parameter(torch.zeros(3))]
+        assert getattr(fa, name)(p).defaults == getattr(torch.optim, name)([torch.nn.Parameter(torch.zeros(3))]).defaults
+        assert isinstance(getattr(fa, name)([torch.nn.Parameter(torch.zeros(3))]), getattr(torch.optim, name))
+
+
+@pytest.mark.parametrize("name,kwargs", [("Adam", dict(lr=1e-2, amsgrad=True)), ("AdamW", dict(lr=1e-2)),
+                                         ("SGD", dict(lr=0.1, momentum=0.9))])
+@pytest.mark.parametrize("direction", ["torch_to_fa", "fa_to_torch"])
+def test_state_dict_round_trip(device_backend, name, kwargs, direction):
+    """Train 3 steps with one, load its state_dict into the other, train 3 more: equal to 6 steps."""
+    device, backend = device_backend
+    big = not interpreted(device, backend)
+    first, second = (torch.optim, fa) if direction == "torch_to_fa" else (fa, torch.optim)
+    straight = make_params(device, big=big)
+    opt = getattr(torch.optim, name)(straight, **kwargs)
+    for s in range(6):
+        for p, g in zip(straight, grads_for(straight, s, device)):
+            p.grad = g
+        opt.step()
+
+    a = make_params(device, big=big)
+    opt_a = getattr(first, name)(a, **kwargs)
+    for s in range(3):
+        for p, g in zip(a, grads_for(a, s, device)):
+            p.grad = g
+        opt_a.step()
+    saved = copy.deepcopy(opt_a.state_dict())
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_b = getattr(second, name)(b, **kwargs)
+    opt_b.load_state_dict(saved)
+    for s in range(3, 6):
+        for p, g in zip(b, grads_for(b, s, device)):
+            p.grad = g
+        opt_b.step()
+    for x, y in zip(straight, b):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_live_in_the_arena():
+    params = make_params("cpu")
+    opt = fa.AdamW(params)
+    (arena,) = opt.arenas
+    for p, o in zip(params, arena.offsets):
+        assert p.numel() == 0 or p.data_ptr() == arena.param.data_ptr() + o * 4
+        assert o % 16 == 0
+
+
+def test_master_weights_track_fp32_where_bf16_stalls():
+    """Tiny updates vanish when added to bf16 weights directly; the fp32 master keeps them."""
+    w32 = torch.nn.Parameter(torch.ones(64))
+    w16 = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    wm = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    opts = [fa.SGD([w32], lr=1e-4), fa.SGD([w16], lr=1e-4), fa.SGD([wm], lr=1e-4, master_weights=True)]
+    for _ in range(100):
+        for w, o in zip((w32, w16, wm), opts):
+            w.grad = torch.ones_like(w)
+            o.step()
+    assert torch.equal(w16, torch.ones_like(w16)), "plain bf16 stalls: 1 - 1e-4 rounds back to 1"
+    torch.testing.assert_close(opts[2].state[wm]["master_param"], w32.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(wm, w32.detach().bfloat16())
