@@ -17,6 +17,7 @@ Small parameters are bucketed: a bucket is folded in one launch once all its gra
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -25,6 +26,14 @@ from fusedaccum.optim import FusedOptimizer
 from fusedaccum.reference import add_sum_of_squares
 
 DEFAULT_BUCKET_NUMEL = 1 << 24  # elements per launch of folding; a larger parameter is its own bucket
+
+
+def _call_if_alive(accumulator: weakref.ref, w: "_Window", i: int, p: torch.Tensor) -> None:
+    # Hooks live on the parameters: a weak reference lets a dropped accumulator (and its
+    # optimizer) be freed, after which the parameters can join a new fusedaccum optimizer.
+    acc = accumulator()
+    if acc is not None:
+        acc._on_grad(w, i, p)
 
 
 class _Window:
@@ -233,7 +242,8 @@ class GradAccumulator:
         p = w.arena.params[i]
         if w.hooked[i] or not p.requires_grad:
             return
-        self._handles.append(p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, w, i)))
+        hook = functools.partial(_call_if_alive, weakref.ref(self), w, i)
+        self._handles.append(p.register_post_accumulate_grad_hook(hook))
         w.hooked[i] = True
         w.bucket_size[w.bucket_of[i]] += 1
 

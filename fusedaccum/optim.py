@@ -14,7 +14,10 @@ import torch
 
 from fusedaccum.arena import Arena, build_arenas
 
-_OWNER: "weakref.WeakKeyDictionary[torch.Tensor, weakref.ref]" = weakref.WeakKeyDictionary()
+from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
+
+# parameter -> weakref to the fusedaccum optimizer whose arena holds its storage
+_OWNER = WeakIdKeyDictionary()
 
 
 class FusedOptimizer:

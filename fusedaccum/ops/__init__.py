@@ -58,7 +58,8 @@ def define(schema: str, check: Callable) -> dict[str, Callable]:
         check(*args)
         table[dispatch.backend_for(args[0].device)](*args)
 
-    torch.library.impl(qualname, ["CPU", "CUDA"], _run)
+    # The sparse keys only reach the checks, which explain that sparse tensors are not taken.
+    torch.library.impl(qualname, ["CPU", "CUDA", "SparseCPU", "SparseCUDA"], _run)
     return table
 
 
@@ -76,8 +77,9 @@ def check_flat(t: torch.Tensor, what: str, like: torch.Tensor | None = None) -> 
     expect(t.dim() == 1 and t.is_contiguous(), f"{what} must be a flat contiguous 1-D tensor (an arena)")
     check_float_dtype(t, what)
     if like is not None:
-        expect(t.device == like.device, f"{what} is on {t.device} but the arena is on {like.device}")
-        expect(t.numel() == like.numel(), f"{what} has {t.numel()} elements, the arena {like.numel()}")
+        expect(t.device == like.device, f"{what} is on {t.device} but the arena it goes with is on {like.device}")
+        expect(t.numel() == like.numel(),
+               f"{what} has {t.numel()} elements but must have {like.numel()}, as the arena it goes with")
 
 
 def check_scalar(t: torch.Tensor | None, what: str, like: torch.Tensor) -> None:

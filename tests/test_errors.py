@@ -1,0 +1,190 @@
+"""Every misuse raises an error that says what to do."""
+import gc
+
+import pytest
+import torch
+
+import fusedaccum as fa
+from fusedaccum import dispatch
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 3)
+
+
+def backward(m, scale=1.0):
+    (m(torch.ones(2, 4)).sum() * scale).backward()
+
+
+def test_parameter_in_two_optimizers():
+    m = model()
+    first = fa.AdamW(m.parameters())
+    fa.GradAccumulator(first)
+    with pytest.raises(ValueError, match="already managed by another fusedaccum optimizer"):
+        fa.SGD(m.parameters(), lr=0.1)
+
+
+def test_parameter_freed_optimizer_can_be_rebuilt():
+    m = model()
+    fa.GradAccumulator(fa.AdamW(m.parameters()))
+    gc.collect()
+    fa.AdamW(m.parameters())  # the first optimizer and its accumulator are gone: no conflict
+
+
+def test_two_accumulators_on_one_optimizer():
+    opt = fa.Adam(model().parameters())
+    fa.GradAccumulator(opt)
+    with pytest.raises(ValueError, match="already has a GradAccumulator"):
+        fa.GradAccumulator(opt)
+
+
+def test_accumulator_needs_a_fusedaccum_optimizer():
+    with pytest.raises(TypeError, match="needs a fusedaccum optimizer"):
+        fa.GradAccumulator(torch.optim.Adam(model().parameters()))
+
+
+@pytest.mark.parametrize("with_accumulator", [False, True])
+def test_sparse_gradients(with_accumulator):
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = fa.SGD(emb.parameters(), lr=0.1)
+    if with_accumulator:
+        fa.GradAccumulator(opt)
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        emb(torch.tensor([1, 2])).sum().backward()
+        opt.step()
+
+
+def test_step_without_backward():
+    m = model()
+    acc = fa.GradAccumulator(fa.Adam(m.parameters()), accumulation_steps=2)
+    with pytest.raises(RuntimeError, match="no acc.backward"):
+        acc.step()
+    acc.backward(m(torch.ones(1, 4)).sum())
+    assert not acc.step()
+    acc.backward(m(torch.ones(1, 4)).sum())
+    assert acc.step()
+    with pytest.raises(RuntimeError, match="no acc.backward"):
+        acc.step()
+
+
+def test_backward_past_the_window():
+    m = model()
+    acc = fa.GradAccumulator(fa.Adam(m.parameters()), accumulation_steps=2)
+    acc.backward(m(torch.ones(1, 4)).sum())
+    acc.backward(m(torch.ones(1, 4)).sum())
+    with pytest.raises(RuntimeError, match="past the end of the window"):
+        acc.backward(m(torch.ones(1, 4)).sum())
+
+
+def test_num_items_in_some_calls_only():
+    m = model()
+    acc = fa.GradAccumulator(fa.Adam(m.parameters()), accumulation_steps=3)
+    acc.backward(m(torch.ones(1, 4)).sum(), num_items=4)
+    with pytest.raises(ValueError, match="num_items was passed to some"):
+        acc.backward(m(torch.ones(1, 4)).sum())
+
+
+def test_plain_backward_in_full_path():
+    m = model()
+    fa.GradAccumulator(fa.Adam(m.parameters()), accumulation_steps=2)
+    with pytest.raises(RuntimeError, match="call acc.backward"):
+        backward(m)
+
+
+def test_optimizer_step_and_zero_grad_in_full_path():
+    m = model()
+    opt = fa.Adam(m.parameters())
+    acc = fa.GradAccumulator(opt, accumulation_steps=1)
+    acc.backward(m(torch.ones(1, 4)).sum())
+    with pytest.raises(RuntimeError, match="call acc.step"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="acc.step\\(\\) starts the next window"):
+        opt.zero_grad()
+
+
+def test_full_path_calls_in_swap_in_mode():
+    m = model()
+    acc = fa.GradAccumulator(fa.Adam(m.parameters()))
+    with pytest.raises(RuntimeError, match="accumulation_steps=N"):
+        acc.backward(m(torch.ones(1, 4)).sum())
+    with pytest.raises(RuntimeError, match="call optimizer.step"):
+        acc.step()
+    with pytest.raises(ValueError, match="belong to the full path"):
+        fa.GradAccumulator(fa.Adam(model().parameters()), max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("bad", [dict(accumulation_steps=0), dict(accumulation_steps=2.5),
+                                 dict(accumulation_steps=2, loss_scale="auto"),
+                                 dict(accumulation_steps=2, max_grad_norm=-1.0)])
+def test_bad_accumulator_arguments(bad):
+    with pytest.raises(ValueError):
+        fa.GradAccumulator(fa.Adam(model().parameters()), **bad)
+
+
+def test_parameter_moved_after_the_optimizer_was_built():
+    m = model()
+    opt = fa.SGD(m.parameters(), lr=0.1)
+    m.weight.data = m.weight.data.clone()  # what model.to(...) does to every parameter
+    backward(m)
+    with pytest.raises(RuntimeError, match="no longer lives in its fusedaccum arena"):
+        opt.step()
+
+
+def test_unsupported_parameter_dtype_and_flags():
+    with pytest.raises(ValueError, match="float32, bfloat16 and float16"):
+        fa.Adam(model().double().parameters())
+    with pytest.raises(ValueError, match="differentiable"):
+        fa.Adam(model().parameters(), differentiable=True)
+
+
+def test_unknown_and_unrunnable_backends(monkeypatch):
+    with pytest.raises(ValueError, match="unknown fusedaccum backend"):
+        fa.set_backend("metal")
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "metal")
+    with pytest.raises(ValueError, match="FUSEDACCUM_BACKEND"):
+        torch.ops.fusedaccum.accumulate(torch.zeros(3), [torch.ones(3)], [0], 1.0, True, None, None)
+    monkeypatch.delenv("FUSEDACCUM_BACKEND")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cannot run on this machine"):
+            fa.set_backend("cuda")
+
+
+def test_forced_backend_on_a_device_it_cannot_serve(monkeypatch):
+    monkeypatch.setattr(dispatch, "_forced", "cuda")
+    with pytest.raises(RuntimeError, match="forced but cannot run on cpu tensors"):
+        torch.ops.fusedaccum.accumulate(torch.zeros(3), [torch.ones(3)], [0], 1.0, True, None, None)
+
+
+def test_env_forces_backend(monkeypatch):
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "torch")
+    assert fa.backends()["forced"] == "torch"
+    assert dispatch.backend_for(torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((torch.zeros(4, dtype=torch.float64), [torch.ones(2)], [0]), "float64"),
+        ((torch.zeros(2, 2), [torch.ones(2)], [0]), "flat contiguous"),
+        ((torch.zeros(4), [torch.ones(3)], [2]), "does not fit"),
+        ((torch.zeros(4), [torch.ones(3)], [0, 1]), "offsets"),
+        ((torch.zeros(4), [torch.ones(2, dtype=torch.int32)], [0]), "int32"),
+        ((torch.zeros(4), [torch.ones(2).to_sparse()], [0]), "dense gradients only"),
+    ],
+)
+def test_accumulate_argument_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fusedaccum.accumulate(*args, 1.0, True, None, None)
+
+
+def test_step_argument_errors():
+    p, one = torch.zeros(8), torch.ones(())
+    with pytest.raises(ValueError, match="parameter's dtype"):
+        torch.ops.fusedaccum.adam_step(p, p, p.half(), p, None, None, one, one, None, 1e-3, 0.9, 0.99, 1e-8, 0.0, True, False)
+    with pytest.raises(ValueError, match="7 elements but must have 8"):
+        torch.ops.fusedaccum.sgd_step(p, torch.zeros(7), None, None, one, one, None, 0.1, 0.0, 0.0, 0.0, False, False)
+    with pytest.raises(ValueError, match="needs a momentum_buffer"):
+        torch.ops.fusedaccum.sgd_step(p, p, None, None, one, one, None, 0.1, 0.9, 0.0, 0.0, False, False)
+    with pytest.raises(ValueError, match="one-element float32"):
+        torch.ops.fusedaccum.sgd_step(p, p, None, None, torch.ones(2), one, None, 0.1, 0.0, 0.0, 0.0, False, False)
