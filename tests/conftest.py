@@ -37,3 +37,4 @@ def _default_backend():
 def interpreted(device: torch.device, backend: str) -> bool:
     """Triton's CPU interpreter is slow: such tests use smaller problems."""
     return backend == "triton" and device.type == "cpu"
+
