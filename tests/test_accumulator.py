@@ -273,3 +273,34 @@ def test_bf16_params_accumulate_in_fp32(device_backend, mode):
                 opt.zero_grad()
     for p, q in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(q.float(), p, rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("mode", ["swap", "full"])
+def test_frozen_then_unfrozen_parameter(device_backend, mode):
+    """requires_grad=False parameters are left alone as torch.optim does, and join in when unfrozen."""
+    device, _ = device_backend
+    data = seed_data(device, 100, steps=3 * N)
+
+    def train(model, opt, acc):
+        for s, (x, y) in enumerate(data):
+            if s == N:
+                model[0].weight.requires_grad_(True)  # unfreeze the embedding after one window
+            if acc is not None and acc.full:
+                acc.backward(loss_fn(model, x, y, 100))
+                acc.step()
+            else:
+                (loss_fn(model, x, y, 100) / N).backward()
+                if (s + 1) % N == 0:
+                    opt.step()
+                    opt.zero_grad()
+
+    ref = seed_model(device, small=True)
+    ref[0].weight.requires_grad_(False)
+    train(ref, torch.optim.Adam(ref.parameters(), lr=1e-2), None)
+
+    model = seed_model(device, small=True)
+    model[0].weight.requires_grad_(False)
+    opt = fa.Adam(model.parameters(), lr=1e-2)
+    acc = fa.GradAccumulator(opt, accumulation_steps=N if mode == "full" else None)
+    train(model, opt, acc)
+    assert_same_params(ref, model)
