@@ -33,8 +33,3 @@ def _default_backend():
     yield
     fa.set_backend(None)
 
-
-def interpreted(device: torch.device, backend: str) -> bool:
-    """Triton's CPU interpreter is slow: such tests use smaller problems."""
-    return backend == "triton" and device.type == "cpu"
-

@@ -3,7 +3,6 @@ of fusedaccum.reference) and against the reference backend, over dtypes and size
 torch.library.opcheck on each op."""
 import pytest
 import torch
-from conftest import interpreted
 
 import fusedaccum as fa
 from fusedaccum import dispatch
@@ -15,7 +14,7 @@ LARGE = (1 << 20) + 3
 
 
 def sizes_for(device, backend):
-    return SIZES if interpreted(device, backend) else SIZES + [LARGE]
+    return SIZES + [LARGE]
 
 
 def eps(dtype):
@@ -111,7 +110,7 @@ def test_accumulate_flags_non_finite(device_backend, bad):
 
 def test_accumulate_is_deterministic(device_backend):
     device, backend = device_backend
-    n = 5000 if interpreted(device, backend) else 300_001
+    n = 300_001
     gen = torch.Generator().manual_seed(3)
     grads = [torch.randn(n, generator=gen).to(device), torch.randn(n // 3, generator=gen).to(device)]
     results = []
