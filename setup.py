@@ -43,13 +43,19 @@ if cuda_wanted():
     extension = CUDAExtension(
         "fusedaccum._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        extra_compile_args={"cxx": cxx_flags + extra, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + extra},
+        extra_compile_args={
+            "cxx": cxx_flags + extra,
+            # No FMA contraction and IEEE division/sqrt: the same roundings as the CPU kernels
+            # and the reference (one shared elementwise.h). The kernels are memory-bound, so
+            # exact arithmetic costs nothing measurable.
+            "nvcc": ["-O3", "-lineinfo", "--fmad=false"] + [f"-Xcompiler={e}" for e in extra],
+        },
     )
 else:
     extension = CppExtension("fusedaccum._C", sources, extra_compile_args={"cxx": cxx_flags})
 
 setup(
-    packages=["fusedaccum", "fusedaccum.ops", "fusedaccum.triton_kernels"],
+    packages=["fusedaccum", "fusedaccum.ops", "fusedaccum.bench", "fusedaccum.triton_kernels"],
     package_dir={"fusedaccum.triton_kernels": "triton_kernels"},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},

@@ -1,0 +1,173 @@
+// fusedaccum_C::adam_step on CUDA: one pass over a flat arena updating the parameter (or its
+// fp32 master and the low-precision copy), exp_avg, exp_avg_sq and, for amsgrad,
+// max_exp_avg_sq. Adam and AdamW differ only in decoupled_weight_decay.
+//
+// step, factor and found_inf are read by the kernel itself, so an optimizer step never waits
+// on the host (and the step count can live on the device). Every thread derives the step
+// constants on its own: a few double ops per thread beat a second launch or a host read.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "../dispatch.h"
+#include "../elementwise.h"
+#include "memory.cuh"
+
+namespace fusedaccum {
+namespace {
+
+constexpr int kVec = 8;  // elements per vector step: one 16-byte access for bf16/half, two for fp32
+
+struct AdamArgs {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool decoupled, maximize, amsgrad;
+};
+
+template <typename P, typename G, typename C>
+__global__ void __launch_bounds__(kBlockThreads, kBlocksPerSM)
+adam_kernel(P* param, const G* grad, P* exp_avg, P* exp_avg_sq, P* max_exp_avg_sq, C* param_copy,
+            int64_t n, int64_t head, const float* step, const float* factor, const float* found_inf,
+            AdamArgs a) {
+  constexpr bool kCopy = !std::is_same_v<C, NoCopy>;
+  if (found_inf != nullptr && *found_inf != 0.0f) return;  // skipped step: write nothing
+  const AdamConstants c = adam_constants(*step, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay,
+                                         a.decoupled, a.maximize, a.amsgrad);
+  const float f = *factor;
+
+  auto scalar = [&](int64_t i) {
+    float p = static_cast<float>(param[i]);
+    float m = static_cast<float>(exp_avg[i]);
+    float v = static_cast<float>(exp_avg_sq[i]);
+    float vmax = c.amsgrad ? static_cast<float>(max_exp_avg_sq[i]) : 0.0f;
+    adam_element(p, static_cast<float>(grad[i]), m, v, vmax, f, c);
+    param[i] = static_cast<P>(p);
+    exp_avg[i] = static_cast<P>(m);
+    exp_avg_sq[i] = static_cast<P>(v);
+    if (c.amsgrad) max_exp_avg_sq[i] = static_cast<P>(vmax);
+    if constexpr (kCopy) param_copy[i] = static_cast<C>(p);
+  };
+  auto vec = [&](int64_t i) {
+    float p[kVec], g[kVec], m[kVec], v[kVec], vmax[kVec];
+    load_vec(param + i, p);
+    load_vec_ro(grad + i, g);
+    load_vec(exp_avg + i, m);
+    load_vec(exp_avg_sq + i, v);
+    if (c.amsgrad) {
+      load_vec(max_exp_avg_sq + i, vmax);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) vmax[j] = 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) adam_element(p[j], g[j], m[j], v[j], vmax[j], f, c);
+    store_vec(param + i, p);
+    store_vec(exp_avg + i, m);
+    store_vec(exp_avg_sq + i, v);
+    if (c.amsgrad) store_vec(max_exp_avg_sq + i, vmax);
+    if constexpr (kCopy) store_vec(param_copy + i, p);
+  };
+  split_loop<kVec>(n, head, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                   static_cast<int64_t>(gridDim.x) * blockDim.x, vec, scalar);
+}
+
+struct AdamTensors {
+  at::Tensor param, grad, exp_avg, exp_avg_sq;
+  std::optional<at::Tensor> max_exp_avg_sq, param_copy;
+  at::Tensor step, factor;
+  std::optional<at::Tensor> found_inf;
+};
+
+template <typename T>
+T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+template <typename P, typename G, typename C>
+void launch(const AdamTensors& t, const AdamArgs& a) {
+  const int64_t n = t.param.numel();
+  P* p = t.param.data_ptr<P>();
+  const G* g = t.grad.data_ptr<G>();
+  P* m = t.exp_avg.data_ptr<P>();
+  P* v = t.exp_avg_sq.data_ptr<P>();
+  P* vmax = ptr_or_null<P>(t.max_exp_avg_sq);
+  C* copy = nullptr;
+  if constexpr (!std::is_same_v<C, NoCopy>) copy = t.param_copy->data_ptr<C>();
+  // Vectorize from where the parameter is 16-byte aligned if every other arena is aligned
+  // there too; arena views at odd offsets fall back to scalar accesses throughout.
+  int64_t head = align_head(p, n);
+  const bool together = aligned16(g + head) && aligned16(m + head) && aligned16(v + head) &&
+                        (vmax == nullptr || aligned16(vmax + head)) && (copy == nullptr || aligned16(copy + head));
+  if (!together) head = n;
+  const int grid = grid_size((n + kVec - 1) / kVec, t.param.get_device());
+  adam_kernel<P, G, C><<<grid, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      p, g, m, v, vmax, copy, n, head, t.step.data_ptr<float>(), t.factor.data_ptr<float>(),
+      ptr_or_null<float>(t.found_inf), a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Only an fp32 master has a copy, so only float params instantiate the copy types.
+template <typename P, typename G>
+void launch_with_copy(const AdamTensors& t, const AdamArgs& a) {
+  if constexpr (std::is_same_v<P, float>) {
+    if (t.param_copy.has_value()) {
+      if (t.param_copy->scalar_type() == at::kBFloat16) return launch<P, G, c10::BFloat16>(t, a);
+      return launch<P, G, c10::Half>(t, a);  // the only other type the host check lets through
+    }
+  }
+  launch<P, G, NoCopy>(t, a);
+}
+
+void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                    const std::optional<at::Tensor>& param_copy, const at::Tensor& step,
+                    const at::Tensor& factor, const std::optional<at::Tensor>& found_inf,
+                    double lr, double beta1, double beta2, double eps, double weight_decay,
+                    bool decoupled_weight_decay, bool maximize) {
+  TORCH_CHECK(param.is_cuda(), "adam_step: param must be a CUDA tensor");
+  const int64_t n = param.numel();
+  for (const at::Tensor* t : {&param, &grad, &exp_avg, &exp_avg_sq}) {
+    TORCH_CHECK(t->is_contiguous() && t->numel() == n && t->device() == param.device(),
+                "adam_step: tensors must be contiguous, of one size and on one device");
+  }
+  TORCH_CHECK(exp_avg.scalar_type() == param.scalar_type() && exp_avg_sq.scalar_type() == param.scalar_type(),
+              "adam_step: optimizer state must have the parameter's dtype");
+  const bool amsgrad = max_exp_avg_sq.has_value();
+  if (amsgrad) {
+    TORCH_CHECK(max_exp_avg_sq->is_contiguous() && max_exp_avg_sq->numel() == n &&
+                max_exp_avg_sq->scalar_type() == param.scalar_type() &&
+                max_exp_avg_sq->device() == param.device(), "adam_step: bad max_exp_avg_sq");
+  }
+  if (param_copy.has_value()) {
+    TORCH_CHECK(param_copy->is_contiguous() && param_copy->numel() == n && param_copy->device() == param.device(),
+                "adam_step: bad param_copy");
+    TORCH_CHECK(param.scalar_type() == at::kFloat &&
+                (param_copy->scalar_type() == at::kBFloat16 || param_copy->scalar_type() == at::kHalf),
+                "adam_step: param_copy is the bf16/fp16 copy of an fp32 master parameter");
+  }
+  for (const at::Tensor* t : {&step, &factor, found_inf.has_value() ? &*found_inf : nullptr}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == param.device(),
+                "adam_step: step, factor and found_inf must be one-element float32 tensors on the param's device");
+  }
+  if (n == 0) return;
+  c10::cuda::CUDAGuard guard(param.device());
+
+  const AdamTensors t{param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, step, factor, found_inf};
+  const AdamArgs a{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, amsgrad};
+  FUSEDACCUM_DISPATCH_FLOAT_TYPES(param.scalar_type(), "adam_step_cuda", [&] {
+    using p_t = scalar_t;
+    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "adam_step_cuda_grad", [&] {
+      launch_with_copy<p_t, scalar_t>(t, a);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedaccum_C, CUDA, m) { m.impl("adam_step", &adam_step_cuda); }
+
+}  // namespace fusedaccum

@@ -1,0 +1,154 @@
+// fusedaccum_C::sgd_step on CUDA: one pass over a flat arena for SGD with momentum,
+// dampening, nesterov, weight decay and maximize, writing the fp32 master's low-precision
+// copy in the same pass when there is one. Nothing is written when found_inf is set.
+//
+// As in adam_step.cu, step, factor and found_inf are read on the device: whether the
+// momentum buffer starts as a copy of the gradient is decided there, from the step count.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "../dispatch.h"
+#include "../elementwise.h"
+#include "memory.cuh"
+
+namespace fusedaccum {
+namespace {
+
+constexpr int kVec = 8;  // elements per vector step: one 16-byte access for bf16/half, two for fp32
+
+struct SgdArgs {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize;
+};
+
+template <typename P, typename G, typename C>
+__global__ void __launch_bounds__(kBlockThreads, kBlocksPerSM)
+sgd_kernel(P* param, const G* grad, P* momentum_buffer, C* param_copy, int64_t n, int64_t head,
+           const float* step, const float* factor, const float* found_inf, SgdArgs a) {
+  constexpr bool kCopy = !std::is_same_v<C, NoCopy>;
+  if (found_inf != nullptr && *found_inf != 0.0f) return;  // skipped step: write nothing
+  const SgdConstants c = sgd_constants(*step, a.lr, a.momentum, a.dampening, a.weight_decay,
+                                       a.nesterov, a.maximize);
+  const float f = *factor;
+  const bool has_buf = c.momentum != 0.0f;  // the buffer is touched only with momentum, as on CPU
+
+  auto scalar = [&](int64_t i) {
+    float p = static_cast<float>(param[i]);
+    float buf = has_buf ? static_cast<float>(momentum_buffer[i]) : 0.0f;
+    sgd_element(p, static_cast<float>(grad[i]), buf, f, c);
+    param[i] = static_cast<P>(p);
+    if (has_buf) momentum_buffer[i] = static_cast<P>(buf);
+    if constexpr (kCopy) param_copy[i] = static_cast<C>(p);
+  };
+  auto vec = [&](int64_t i) {
+    float p[kVec], g[kVec], buf[kVec];
+    load_vec(param + i, p);
+    load_vec_ro(grad + i, g);
+    if (has_buf) {
+      load_vec(momentum_buffer + i, buf);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) buf[j] = 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) sgd_element(p[j], g[j], buf[j], f, c);
+    store_vec(param + i, p);
+    if (has_buf) store_vec(momentum_buffer + i, buf);
+    if constexpr (kCopy) store_vec(param_copy + i, p);
+  };
+  split_loop<kVec>(n, head, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                   static_cast<int64_t>(gridDim.x) * blockDim.x, vec, scalar);
+}
+
+struct SgdTensors {
+  at::Tensor param, grad;
+  std::optional<at::Tensor> momentum_buffer, param_copy;
+  at::Tensor step, factor;
+  std::optional<at::Tensor> found_inf;
+};
+
+template <typename P, typename G, typename C>
+void launch(const SgdTensors& t, const SgdArgs& a) {
+  const int64_t n = t.param.numel();
+  P* p = t.param.data_ptr<P>();
+  const G* g = t.grad.data_ptr<G>();
+  // An unused buffer stays out of the kernel, so it cannot spoil the alignment either.
+  P* buf = a.momentum != 0.0 ? t.momentum_buffer->data_ptr<P>() : nullptr;
+  C* copy = nullptr;
+  if constexpr (!std::is_same_v<C, NoCopy>) copy = t.param_copy->data_ptr<C>();
+  // Vectorize from where the parameter is 16-byte aligned if every other arena is aligned
+  // there too; arena views at odd offsets fall back to scalar accesses throughout.
+  int64_t head = align_head(p, n);
+  const bool together = aligned16(g + head) && (buf == nullptr || aligned16(buf + head)) &&
+                        (copy == nullptr || aligned16(copy + head));
+  if (!together) head = n;
+  const int grid = grid_size((n + kVec - 1) / kVec, t.param.get_device());
+  const float* found_inf = t.found_inf.has_value() ? t.found_inf->data_ptr<float>() : nullptr;
+  sgd_kernel<P, G, C><<<grid, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      p, g, buf, copy, n, head, t.step.data_ptr<float>(), t.factor.data_ptr<float>(), found_inf, a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Only an fp32 master has a copy, so only float params instantiate the copy types.
+template <typename P, typename G>
+void launch_with_copy(const SgdTensors& t, const SgdArgs& a) {
+  if constexpr (std::is_same_v<P, float>) {
+    if (t.param_copy.has_value()) {
+      if (t.param_copy->scalar_type() == at::kBFloat16) return launch<P, G, c10::BFloat16>(t, a);
+      return launch<P, G, c10::Half>(t, a);  // the only other type the host check lets through
+    }
+  }
+  launch<P, G, NoCopy>(t, a);
+}
+
+void sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad,
+                   const std::optional<at::Tensor>& momentum_buffer,
+                   const std::optional<at::Tensor>& param_copy, const at::Tensor& step,
+                   const at::Tensor& factor, const std::optional<at::Tensor>& found_inf, double lr,
+                   double momentum, double dampening, double weight_decay, bool nesterov,
+                   bool maximize) {
+  TORCH_CHECK(param.is_cuda(), "sgd_step: param must be a CUDA tensor");
+  const int64_t n = param.numel();
+  TORCH_CHECK(param.is_contiguous() && grad.is_contiguous() && grad.numel() == n && grad.device() == param.device(),
+              "sgd_step: param and grad must be contiguous, of one size and on one device");
+  TORCH_CHECK(momentum == 0.0 || momentum_buffer.has_value(), "sgd_step: momentum needs a buffer");
+  if (momentum_buffer.has_value()) {
+    TORCH_CHECK(momentum_buffer->is_contiguous() && momentum_buffer->numel() == n &&
+                momentum_buffer->scalar_type() == param.scalar_type() &&
+                momentum_buffer->device() == param.device(), "sgd_step: bad momentum_buffer");
+  }
+  if (param_copy.has_value()) {
+    TORCH_CHECK(param_copy->is_contiguous() && param_copy->numel() == n && param_copy->device() == param.device(),
+                "sgd_step: bad param_copy");
+    TORCH_CHECK(param.scalar_type() == at::kFloat &&
+                (param_copy->scalar_type() == at::kBFloat16 || param_copy->scalar_type() == at::kHalf),
+                "sgd_step: param_copy is the bf16/fp16 copy of an fp32 master parameter");
+  }
+  for (const at::Tensor* t : {&step, &factor, found_inf.has_value() ? &*found_inf : nullptr}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == param.device(),
+                "sgd_step: step, factor and found_inf must be one-element float32 tensors on the param's device");
+  }
+  if (n == 0) return;
+  c10::cuda::CUDAGuard guard(param.device());
+
+  const SgdTensors t{param, grad, momentum_buffer, param_copy, step, factor, found_inf};
+  const SgdArgs a{lr, momentum, dampening, weight_decay, nesterov, maximize};
+  FUSEDACCUM_DISPATCH_FLOAT_TYPES(param.scalar_type(), "sgd_step_cuda", [&] {
+    using p_t = scalar_t;
+    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "sgd_step_cuda_grad", [&] {
+      launch_with_copy<p_t, scalar_t>(t, a);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedaccum_C, CUDA, m) { m.impl("sgd_step", &sgd_step_cuda); }
+
+}  // namespace fusedaccum
