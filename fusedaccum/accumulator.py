@@ -28,12 +28,14 @@ from fusedaccum.reference import add_sum_of_squares
 DEFAULT_BUCKET_NUMEL = 1 << 24  # elements per launch of folding; a larger parameter is its own bucket
 
 
-def _call_if_alive(accumulator: weakref.ref, w: "_Window", i: int, p: torch.Tensor) -> None:
-    # Hooks live on the parameters: a weak reference lets a dropped accumulator (and its
-    # optimizer) be freed, after which the parameters can join a new fusedaccum optimizer.
+def _call_if_alive(accumulator: weakref.ref, window: int, i: int, p: torch.Tensor) -> None:
+    # Hooks live on the parameters, where the garbage collector cannot see them: a hook that
+    # held the accumulator or its windows (which hold the parameters) would keep them all alive
+    # forever. With a weak reference a dropped accumulator and optimizer are freed, and the
+    # parameters can join a new fusedaccum optimizer.
     acc = accumulator()
     if acc is not None:
-        acc._on_grad(w, i, p)
+        acc._on_grad(acc._windows[window], i, p)
 
 
 class _Window:
@@ -242,7 +244,7 @@ class GradAccumulator:
         p = w.arena.params[i]
         if w.hooked[i] or not p.requires_grad:
             return
-        hook = functools.partial(_call_if_alive, weakref.ref(self), w, i)
+        hook = functools.partial(_call_if_alive, weakref.ref(self), self._windows.index(w), i)
         self._handles.append(p.register_post_accumulate_grad_hook(hook))
         w.hooked[i] = True
         w.bucket_size[w.bucket_of[i]] += 1

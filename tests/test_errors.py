@@ -188,3 +188,17 @@ def test_step_argument_errors():
         torch.ops.fusedaccum.sgd_step(p, p, None, None, one, one, None, 0.1, 0.9, 0.0, 0.0, False, False)
     with pytest.raises(ValueError, match="one-element float32"):
         torch.ops.fusedaccum.sgd_step(p, p, None, None, torch.ones(2), one, None, 0.1, 0.0, 0.0, 0.0, False, False)
+
+
+def test_dropped_accumulator_and_optimizer_are_freed():
+    import weakref
+
+    m = model()
+    opt = fa.AdamW(m.parameters())
+    acc = fa.GradAccumulator(opt, accumulation_steps=2)
+    refs = [weakref.ref(opt), weakref.ref(acc), weakref.ref(opt.arenas[0])]
+    del opt, acc
+    gc.collect()
+    assert all(r() is None for r in refs), "hooks on the parameters keep the accumulator alive"
+    backward(m)  # the orphaned hooks do nothing
+    assert m.weight.grad is not None
