@@ -32,11 +32,11 @@ if ! "$PY" -m pip install -v --no-build-isolation . > "$OUT/build.log" 2>&1; the
 fi
 
 export FUSEDACCUM_REQUIRE_EXTENSION=1 FUSEDACCUM_REQUIRE_CUDA_BUILD=1
-(cd tests && timeout 360 "$PY" -m pytest -q -rs --junitxml="$OUT/junit.xml" --maxfail=20) > "$OUT/tests.txt" 2>&1 || status=1
+(cd tests && timeout 270 "$PY" -m pytest -q -rs --junitxml="$OUT/junit.xml" --maxfail=20) > "$OUT/tests.txt" 2>&1 || status=1
 tail -5 "$OUT/tests.txt"
 
 if command -v fusedaccum-bench >/dev/null 2>&1 || "$PY" -c "import fusedaccum.bench" 2>/dev/null; then
-  timeout 180 "$PY" -m fusedaccum.bench --device cuda --backend all --out "$OUT/bench" > "$OUT/bench.txt" 2>&1 || status=1
+  timeout 240 "$PY" -m fusedaccum.bench --device cuda --backend all --out "$OUT/bench" > "$OUT/bench.txt" 2>&1 || status=1
   tail -40 "$OUT/bench.txt"
 fi
 exit $status

@@ -1,0 +1,227 @@
+"""fusedaccum-bench (also python -m fusedaccum.bench): the standard accumulation loop vs
+fusedaccum, case by case, with the results in --out as JSON, CSV and a PNG plot.
+
+    fusedaccum-bench --quick                      # about a minute, default device
+    fusedaccum-bench --device cpu --backend all   # every backend that runs on the CPU
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fusedaccum as fa
+from fusedaccum import dispatch
+from fusedaccum.bench import report
+from fusedaccum.bench.cases import DTYPES, SECTIONS, Precision, Settings, layouts, plan, release
+from fusedaccum.bench.timing import Clock
+
+# Per (device, scale): timed seconds to aim for per measurement, min and max timed calls.
+# CUDA timings are steady, so shorter runs suffice (and scripts/gpu_check.sh has 3 minutes).
+CLOCK = {
+    ("cpu", "full"): (0.25, 3, 50), ("cpu", "quick"): (0.02, 3, 15),
+    ("cuda", "full"): (0.1, 5, 100), ("cuda", "quick"): (0.02, 3, 20),
+}
+TINY_CLOCK = (0.002, 2, 3)
+
+
+def parse_args(argv):
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = argparse.ArgumentParser(prog="fusedaccum-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default=default_device,
+                   help=f"where to run (default here: {default_device})")
+    p.add_argument("--quick", action="store_true", help="about a minute: shorter timings, smaller layouts on CPU")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                   help="folder for the JSON, CSV and PNG (default benchmarks/results)")
+    p.add_argument("--backend", default=None,
+                   help="a fusedaccum backend, or 'all' (default: the device's default backend)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "all"], default="all",
+                   help="parameter / gradient dtype of the layout cases (default all)")
+    p.add_argument("--layout", default="all", help="seed, gpt2-small, many-small, one-huge or all")
+    p.add_argument("--accumulation-steps", type=int, default=4, metavar="N",
+                   help="micro-batches per window (default 4)")
+    p.add_argument("--cases", default="all", help=f"comma-separated subset of {', '.join(SECTIONS)} (default all)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # toy sizes, for the smoke test
+    args = p.parse_args(argv)
+    if args.accumulation_steps < 1:
+        p.error("--accumulation-steps must be at least 1")
+    return args
+
+
+def choose_backends(arg: str | None, device: str) -> list[str]:
+    if arg is None:
+        return [dispatch.backend_for(torch.device(device))]  # FUSEDACCUM_BACKEND if set, else the default
+    if arg == "all":
+        # Triton on CPU is its interpreter: a correctness tool, not something to time.
+        return [b for b in fa.backends()["available"]
+                if dispatch.runs_on(b, device) and not (b == "triton" and device == "cpu")]
+    if not dispatch.runs_on(arg, device):
+        raise SystemExit(f"backend {arg!r} cannot run on {device} here; available: {fa.backends()['available']}")
+    return [arg]
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name = props.name
+        info = {"type": "cuda", "name": name, "capability": f"{props.major}.{props.minor}",
+                "memory_gib": round(props.total_memory / 2**30, 1)}
+    else:
+        model = platform.processor() or "cpu"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        cores = os.cpu_count()
+        name = f"{model} ({cores} cores)"
+        info = {"type": "cpu", "name": name, "cores": cores, "torch_threads": torch.get_num_threads()}
+    info["slug"] = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return info
+
+
+def versions() -> dict:
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": version("triton"),
+            "fusedaccum": fa.__version__, "cuda": torch.version.cuda}
+
+
+def git_state() -> dict:
+    """The commit of the source tree fusedaccum was imported from (null outside a git checkout)."""
+    where = Path(fa.__file__).resolve().parent
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=where, capture_output=True, text=True, timeout=10, check=True).stdout
+
+    try:
+        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain").strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def cpu_busy_elsewhere(seconds: float = 0.25) -> float | None:
+    """Fraction of all CPUs busy while this process sleeps (Linux /proc/stat; None elsewhere)."""
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def run_jobs(jobs) -> list:
+    progress_mod = report.require("rich.progress")
+    columns = [progress_mod.TextColumn("{task.description:<42}"), progress_mod.BarColumn(),
+               progress_mod.MofNCompleteColumn(), progress_mod.TimeElapsedColumn()]
+    results = []
+    # The jobs free what they built with gc.collect(); frozen, the objects that exist now
+    # (torch, matplotlib, ...) are not scanned again, which makes each collect ~free.
+    gc.collect()
+    gc.freeze()
+    try:
+        with progress_mod.Progress(*columns, transient=False) as progress:
+            task = progress.add_task("benchmarking", total=len(jobs))
+            for k, job in enumerate(jobs, 1):
+                progress.update(task, description=job.label)
+                start = time.perf_counter()
+                results += job.run()
+                release()
+                progress.advance(task)
+                if not progress.console.is_terminal:  # a log has no live bar: say where the run is
+                    progress.console.print(f"[{k}/{len(jobs)}] {job.label}: {time.perf_counter() - start:.1f} s",
+                                           markup=False)
+            progress.update(task, description="done")
+    finally:
+        gc.unfreeze()
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report.require("rich")  # fail before measuring, not after
+    report.require("matplotlib")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch sees no CUDA GPU; use --device cpu")
+    device = torch.device(args.device)
+    scale = "tiny" if args.tiny else "quick" if args.quick else "full"
+    backends = choose_backends(args.backend, device.type)
+    dtypes = list(DTYPES) if args.dtype == "all" else [args.dtype]
+    all_layouts = layouts(device.type, scale)
+    if args.layout != "all" and args.layout not in all_layouts:
+        raise SystemExit(f"unknown layout {args.layout!r}; choose from {', '.join(all_layouts)} or all")
+    chosen = all_layouts if args.layout == "all" else {args.layout: all_layouts[args.layout]}
+    sections = list(SECTIONS) if args.cases == "all" else [c.strip() for c in args.cases.split(",")]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+
+    min_time, min_reps, max_reps = TINY_CLOCK if args.tiny else CLOCK[device.type, scale]
+    clock = Clock(device, min_time, min_reps, max_reps)
+    settings = Settings(device, dtypes, backends, chosen, args.accumulation_steps, scale, clock)
+    settings.notes += [f"layout {lay.name}: {lay.note}" for lay in chosen.values() if lay.note]
+    if "bf16" in dtypes and "window" in sections:
+        settings.notes.append("window, bf16: no swap-in row (p.grad of bf16 params cannot show the fp32 arena to "
+                              "clip_grad_norm_); standard is torch AdamW on bf16 params, fused keeps an fp32 master")
+    if "bf16" in dtypes and "boundary" in sections:
+        settings.notes.append("boundary, bf16: standard is torch.optim on bf16 params (bf16 state); fused keeps "
+                              "an fp32 master (master_weights=True, 30 B floor)")
+
+    busy = cpu_busy_elsewhere() if device.type == "cpu" else None
+    if busy is not None and busy > 0.2:
+        settings.notes.append(f"other processes kept {100 * busy:.0f}% of the CPUs busy at the start: "
+                              f"CPU timings of this run are noisy")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    copy_gbps = clock.copy_bandwidth()
+    results = run_jobs(plan(settings, sections))
+    rows = [r for r in results if not isinstance(r, Precision)]
+    run = {
+        "schema": "fusedaccum-bench/1",
+        "timestamp": now.isoformat(timespec="seconds"),
+        "timestamp_compact": now.strftime("%Y%m%dT%H%M%SZ"),
+        "device": device_info(device),
+        "versions": versions(),
+        "git": git_state(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "scale": scale,
+        "backends": backends,
+        "fusedaccum_backends": fa.backends(),
+        "timing": {"method": clock.method, "min_time_s": min_time, "min_reps": min_reps, "max_reps": max_reps,
+                   "cpu_busy_elsewhere_at_start": busy},
+        "copy_bandwidth_gbps": copy_gbps,
+        "layouts": {lay.name: {"params": lay.numel, "tensors": len(lay.shapes), "note": lay.note}
+                    for lay in chosen.values()},
+        "notes": settings.notes,
+        "rows": [report.row_record(r, copy_gbps) for r in rows],
+        "precision": report.precision_records([r for r in results if isinstance(r, Precision)]),
+    }
+    report.print_tables(run)
+    paths = report.write_all(run, args.out)
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

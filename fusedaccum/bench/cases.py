@@ -1,0 +1,696 @@
+"""The benchmark cases: the standard PyTorch loop against fusedaccum, on the same data.
+
+Sections (each a list of jobs; a job times the standard side once and the fused side on
+every selected backend, after checking that both compute the same thing):
+
+  accumulate   one micro-batch (not the first) folded into existing gradients
+  precision    bf16 gradients summed in bf16 (autograd) vs in the fp32 arena, against float64
+  boundary     the end of a window: clip + optimizer step (+ GradScaler) + zero_grad
+  window       N micro-batches of a real backward + the boundary
+  sweep        one tensor of 2^16.. elements: accumulate and AdamW step, for GB/s vs size
+  end-to-end   the seed training loop and a small transformer LM, optimizer steps per second
+
+GB/s always counts the floor bytes of DESIGN.md (the bytes fusedaccum must move), for the
+standard side too, so GB/s ratios equal time ratios and "% of copy" says how close each side
+comes to the machine's limit.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import gc
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import fusedaccum as fa
+from fusedaccum.arena import ALIGN
+from fusedaccum.bench.timing import Clock
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MAX_GRAD_NORM = 1.0
+PRECISION_MICRO_BATCHES = 16
+SECTIONS = ("accumulate", "boundary", "window", "sweep", "end-to-end")
+
+# -- floors (DESIGN.md, bytes per parameter) ----------------------------------------------
+
+
+def accumulate_floor(grad_dtype: torch.dtype, first: bool = False) -> int:
+    """Read the gradient, read (unless first) and write the fp32 arena: 12 B fp32, 10 B bf16."""
+    return grad_dtype.itemsize + (0 if first else 4) + 4
+
+
+def step_floor(optimizer: str, master: bool) -> int:
+    """Read param (fp32 master), fp32 grad and state; write param and state (and the bf16 copy).
+
+    Adam/AdamW: 28 B, 30 B with a master. SGD with momentum: 20 B (22 B with a master).
+    """
+    state = 1 if optimizer == "SGD" else 2
+    return 4 * (2 + state) + 4 * (1 + state) + (2 if master else 0)
+
+
+# -- layouts -----------------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    name: str
+    shapes: list[tuple[int, ...]]
+    note: str = ""  # how it was scaled down from the real thing, if it was
+
+    @property
+    def numel(self) -> int:
+        return sum(_numel(s) for s in self.shapes)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def gpt2_shapes(vocab=50257, positions=1024, d=768, blocks=12) -> list[tuple[int, ...]]:
+    """The parameter shapes of GPT-2 (Hugging Face Conv1D weights are in x out)."""
+    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return [(vocab, d), (positions, d)] + block * blocks + [(d,), (d,)]
+
+
+def layouts(device_type: str, scale: str) -> dict[str, Layout]:
+    """scale: "full", "quick" (smaller on CPU, to finish in a minute) or "tiny" (tests)."""
+    seed = Layout("seed", [(1000, 128), (1000, 128), (1000,)])
+    if scale == "tiny":
+        return {
+            "seed": seed,
+            "gpt2-small": Layout("gpt2-small", gpt2_shapes(512, 64, 64, 1), "tiny: d=64, 1 block, vocab 512"),
+            "many-small": Layout("many-small", [(4096,)] * 50, "tiny: 50 tensors"),
+            "one-huge": Layout("one-huge", [(1 << 16,)], "tiny: 64K elements"),
+        }
+    if scale == "quick" and device_type == "cpu":
+        return {
+            "seed": seed,
+            "gpt2-small": Layout("gpt2-small", gpt2_shapes(4096, 256, 768, 1),
+                                 "quick on CPU: 1 block, vocab 4096, 256 positions (d=768 kept)"),
+            "many-small": Layout("many-small", [(4096,)] * 500, "quick on CPU: 500 tensors"),
+            "one-huge": Layout("one-huge", [(4 << 20,)], "quick on CPU: 4M elements"),
+        }
+    huge = 64 << 20 if device_type == "cuda" else 8 << 20
+    return {
+        "seed": seed,
+        "gpt2-small": Layout("gpt2-small", gpt2_shapes()),
+        "many-small": Layout("many-small", [(4096,)] * 2000),
+        "one-huge": Layout("one-huge", [(huge,)], "" if device_type == "cuda" else "8M elements on CPU"),
+    }
+
+
+def sweep_sizes(device_type: str, scale: str) -> list[int]:
+    if scale == "tiny":
+        return [1 << 12, 1 << 14]
+    if device_type == "cuda":
+        return [1 << k for k in range(16, 27, 2 if scale == "quick" else 1)]
+    return [1 << k for k in range(16, 23 if scale == "quick" else 25, 2)]
+
+
+# -- results -----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One comparison: the same work done the standard way and the fusedaccum way."""
+
+    section: str
+    layout: str
+    dtype: str
+    backend: str
+    case: str
+    standard: str  # what the standard side runs
+    fused: str  # what the fused side runs
+    standard_s: float  # median seconds per call
+    fused_s: float
+    params: int  # parameters (elements) the work covers
+    floor_bytes_per_param: float | None  # DESIGN.md floor; None where bytes say nothing (end to end)
+
+    @property
+    def ratio(self) -> float:
+        """standard time / fused time: above 1, fused is faster."""
+        return self.standard_s / self.fused_s
+
+
+@dataclass
+class Precision:
+    backend: str
+    micro_batches: int
+    elements: int
+    standard_bf16_rel_err: float  # max |sum - exact| / max |exact|, bf16 grads summed in bf16
+    fused_fp32_rel_err: float  # the same for the fp32 arena
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    dtypes: list[str]
+    backends: list[str]
+    layouts: dict[str, Layout]
+    accumulation_steps: int
+    scale: str
+    clock: Clock
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    label: str  # shown on the progress bar
+    run: Callable[[], list]  # -> [Row | Precision]
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    fa.set_backend(name)
+    try:
+        yield
+    finally:
+        fa.set_backend(None)
+
+
+def release() -> None:
+    """Frees what the last variant held now, not at some later collection: optimizers sit in
+    reference cycles (opt._accumulator <-> acc.optimizer, torch's for-loop optimizers), and a
+    few GB of gpt2-small state per variant would otherwise pile up. (Cheap: the CLI freezes
+    the objects that existed before the jobs, so a collect scans only what the jobs made.)"""
+    gc.collect()
+
+
+def fa_backend() -> str:
+    """The backend fusedaccum runs on right now (for messages)."""
+    return fa.backends()["forced"] or "default"
+
+
+def random_tensors(shapes, dtype, device, seed: int) -> list[torch.Tensor]:
+    torch.manual_seed(seed)
+    # uniform_ rather than randn: several times faster on CPU for 100M elements
+    return [torch.empty(s, device=device).uniform_(-1, 1).to(dtype) for s in shapes]
+
+
+def leaf_params(init: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.nn.Parameter(t.clone()) for t in init]
+
+
+def probe_loss(params, weights) -> torch.Tensor:
+    """sum_i <p_i, w_i>: the cheapest model there is. Its backward writes one fresh gradient per
+    parameter, as a real backward does, so what differs between the loops is what happens to
+    gradients after autograd has made them. (stack, not a chain of adds: fewer launches.)"""
+    return torch.stack([(p * w).sum() for p, w in zip(params, weights)]).sum()
+
+
+def assert_same(got, want, dtype: torch.dtype, what: str, lr: float = 1e-3) -> None:
+    """Fused and standard must agree before their times mean anything."""
+    # fp32: rounding only. bf16: the standard side rounds to bf16 in places the fused side
+    # does not (bf16 state, bf16 sums), so one or two bf16 ulps, or about one lr step near 0.
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1.6e-2, 2 * lr)
+    for i, (g, w) in enumerate(zip(got, want)):
+        try:
+            torch.testing.assert_close(g.detach().float(), w.detach().float(), rtol=rtol, atol=atol)
+        except AssertionError as e:
+            raise AssertionError(f"benchmark check failed, {what}, tensor {i}: fused != standard\n{e}") from None
+
+
+def arena_offsets(shapes) -> tuple[list[int], int]:
+    """Offsets as fusedaccum's arenas lay parameters out (ALIGN-element aligned)."""
+    offsets, end = [], 0
+    for s in shapes:
+        offsets.append(end)
+        end = -(-(end + _numel(s)) // ALIGN) * ALIGN
+    return offsets, end
+
+
+def arena_views(arena, shapes, offsets):
+    return [arena[o : o + _numel(s)].view(s) for s, o in zip(shapes, offsets)]
+
+
+@functools.cache
+def torch_variants(optimizer: str, device_type: str, dtype: torch.dtype) -> dict[str, dict]:
+    """torch.optim implementations to compare with: for-loop, foreach, and fused where it runs."""
+    variants = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}}
+    p = torch.nn.Parameter(torch.zeros(4, device=device_type, dtype=dtype))
+    p.grad = torch.ones_like(p)
+    try:
+        getattr(torch.optim, optimizer)([p], lr=1e-3, fused=True).step()
+        variants["fused"] = {"fused": True}
+    except (RuntimeError, ValueError, NotImplementedError):
+        pass
+    return variants
+
+
+def best_variant(optimizer: str, device_type: str, dtype: torch.dtype) -> str:
+    return "fused" if "fused" in torch_variants(optimizer, device_type, dtype) else "foreach"
+
+
+@functools.cache
+def amp_unavailable(device_type: str) -> str | None:
+    """Why torch.amp.GradScaler cannot run on this device (None when it can)."""
+    p = torch.nn.Parameter(torch.zeros(4, device=device_type))
+    p.grad = torch.ones_like(p)
+    opt = torch.optim.SGD([p], lr=1e-3)
+    try:
+        scaler = torch.amp.GradScaler(device_type)
+        scaler.scale(torch.ones((), device=device_type))
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def reopen_window(acc: fa.GradAccumulator) -> None:
+    """Puts a just-closed one-micro-batch window back to "all micro-batches in", so that
+    acc.step() can be timed again on the same arena: the gradients, and the norm and inf flag
+    that the last fold computed, are still there (the accumulator's own bookkeeping)."""
+    acc._micro_step = acc.accumulation_steps
+    for w in acc._windows:
+        w.touched = [True] * len(w.touched)
+        w.touched_last = [True] * len(w.touched)
+
+
+# -- 1. accumulate -------------------------------------------------------------------------
+
+
+def accumulate_job(s: Settings, layout: Layout, dtype_name: str) -> list[Row]:
+    dtype, dev, shapes = DTYPES[dtype_name], s.device, layout.shapes
+    label = f"accumulate {layout.name} {dtype_name}"
+    start = random_tensors(shapes, dtype, dev, seed=1)  # the window's gradients so far
+    new = random_tensors(shapes, dtype, dev, seed=2)  # this micro-batch's
+    exact = [a.float() + g.float() for a, g in zip(start, new)]  # one rounding away from both results
+
+    def time_standard() -> dict[str, float]:
+        grads = [a.clone() for a in start]
+
+        def per_param():  # autograd's AccumulateGrad: `variable.grad += new_grad`, one kernel each
+            for a, g in zip(grads, new):
+                a.add_(g)
+
+        def foreach():
+            torch._foreach_add_(grads, new)
+
+        def foreach_and_norm():  # the last micro-batch of a window, and clip_grad_norm_'s norm
+            torch._foreach_add_(grads, new)
+            torch.nn.utils.get_total_norm(grads)
+
+        per_param()
+        assert_same(grads, exact, dtype, label)
+        return {"p.grad += g": s.clock.measure(per_param), "_foreach_add_": s.clock.measure(foreach),
+                "_foreach_add_ + norm": s.clock.measure(foreach_and_norm)}
+
+    def time_fused() -> tuple[float, float]:
+        offsets, numel = arena_offsets(shapes)
+        arena = torch.zeros(numel, device=dev)
+        for view, a in zip(arena_views(arena, shapes, offsets), start):
+            view.copy_(a)
+        sumsq, found_inf = torch.zeros((), device=dev), torch.zeros((), device=dev)
+        op = torch.ops.fusedaccum.accumulate
+
+        def fused():
+            op(arena, new, offsets, 1.0, False, None, None)
+
+        def fused_and_norm():
+            sumsq.zero_()  # the accumulator zeroes it once per window; here once per call
+            op(arena, new, offsets, 1.0, False, sumsq, found_inf)
+
+        fused_and_norm()
+        assert_same(arena_views(arena, shapes, offsets), exact, torch.float32, f"{label} [{fa_backend()}]")
+        # float64 reference: torch's fp32 CPU norm of a 38M-element tensor is off by ~3e-3.
+        norm = torch.stack([torch.linalg.vector_norm(e, dtype=torch.float64) for e in exact]).norm()
+        torch.testing.assert_close(sumsq.sqrt().double(), norm, rtol=1e-5, atol=0)
+        assert found_inf.item() == 0
+        return s.clock.measure(fused), s.clock.measure(fused_and_norm)
+
+    standard = time_standard()
+    rows = []
+    for b in s.backends:
+        with backend(b):
+            fused_s, fused_norm_s = time_fused()
+        release()
+        for name, t in standard.items():
+            last = name.endswith("norm")
+            rows.append(Row("accumulate", layout.name, dtype_name, b,
+                            "last micro-batch (+ norm)" if last else "one micro-batch",
+                            name, "accumulate op + norm, inf flag" if last else "accumulate op",
+                            t, fused_norm_s if last else fused_s, layout.numel, accumulate_floor(dtype)))
+    return rows
+
+
+def precision_job(s: Settings) -> list[Precision]:
+    """bf16 gradients summed in bf16 (what autograd does for bf16 params) and in the fp32
+    arena, each against the float64 sum of the same bf16 values."""
+    n = 1 << (14 if s.scale == "tiny" else 20)
+    torch.manual_seed(3)
+    grads = [torch.randn(n, device=s.device).to(torch.bfloat16) for _ in range(PRECISION_MICRO_BATCHES)]
+    exact = torch.stack([g.double() for g in grads]).sum(0)
+    in_bf16 = torch.zeros(n, dtype=torch.bfloat16, device=s.device)
+    for g in grads:
+        in_bf16.add_(g)
+
+    def rel_err(x):
+        return ((x.double() - exact).abs().max() / exact.abs().max()).item()
+
+    out = []
+    for b in s.backends:
+        with backend(b):
+            arena = torch.empty(n, device=s.device)
+            for k, g in enumerate(grads):
+                torch.ops.fusedaccum.accumulate(arena, [g], [0], 1.0, k == 0, None, None)
+        out.append(Precision(b, len(grads), n, rel_err(in_bf16), rel_err(arena)))
+    return out
+
+
+# -- 2. boundary ---------------------------------------------------------------------------
+
+OPTIMIZERS = {  # name: (torch class, fusedaccum class, hyperparameters)
+    "AdamW": (torch.optim.AdamW, fa.AdamW, {"lr": 1e-3, "weight_decay": 1e-2}),
+    "Adam": (torch.optim.Adam, fa.Adam, {"lr": 1e-3}),
+    "SGD": (torch.optim.SGD, fa.SGD, {"lr": 1e-2, "momentum": 0.9}),
+}
+
+
+def boundary_job(s: Settings, layout: Layout, dtype_name: str, optimizer: str, amp: bool) -> list[Row]:
+    """Standard: [GradScaler.unscale_] + clip_grad_norm_ + step [+ GradScaler.update] + zero_grad.
+    Fused: acc.step() of a window whose gradients are in the arena (norm already folded)."""
+    dtype, dev = DTYPES[dtype_name], s.device
+    torch_cls, fa_cls, hyper = OPTIMIZERS[optimizer]
+    master = dtype != torch.float32
+    loss_scale = 2.0**16  # GradScaler's and fusedaccum's initial dynamic scale
+    case = f"{optimizer} + clip" + (" + fp16 AMP" if amp else "")
+    label = f"boundary {case} {layout.name} {dtype_name}"
+    init = random_tensors(layout.shapes, dtype, dev, seed=1)
+    window_grads = random_tensors(layout.shapes, dtype, dev, seed=2)
+
+    def time_standard(variants: dict[str, dict]) -> tuple[dict[str, float], list[torch.Tensor]]:
+        pristine = [g * loss_scale for g in window_grads] if amp else window_grads
+        params = leaf_params(init)
+        grads = [g.clone() for g in pristine]
+
+        def restore():  # untimed: the window's gradients back in place (clip and unscale_ work in place)
+            torch._foreach_copy_(grads, pristine)
+            for p, g in zip(params, grads):
+                p.grad = g
+
+        def one_variant(kw: dict, check: bool):
+            with torch.no_grad():
+                torch._foreach_copy_(params, init)
+            opt = torch_cls(params, **hyper, **kw)
+            scaler = torch.amp.GradScaler(dev.type, init_scale=loss_scale) if amp else None
+            if scaler is not None:
+                scaler.scale(torch.ones((), device=dev))  # GradScaler creates its scale lazily here
+
+            def boundary():
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad()
+
+            restore()
+            boundary()
+            after_one = [p.detach().clone() for p in params] if check else None
+            return s.clock.measure(boundary, setup=restore), after_one
+
+        times, expected = {}, None
+        for name, kw in variants.items():
+            times[name], after_one = one_variant(kw, check=expected is None)
+            expected = expected or after_one
+            release()
+        return times, expected
+
+    def time_fused(expected) -> float:
+        params = leaf_params(init)
+        acc = fa.GradAccumulator(fa_cls(params, master_weights=master, **hyper), accumulation_steps=1,
+                                 max_grad_norm=MAX_GRAD_NORM, loss_scale="dynamic" if amp else None)
+        acc.backward(probe_loss(params, window_grads))  # the window's gradients into the arena
+        assert acc.step()
+        assert_same(params, expected, dtype, f"{label} [{fa_backend()}]", lr=hyper["lr"])
+        seconds = s.clock.measure(acc.step, setup=lambda: reopen_window(acc))
+        return seconds
+
+    variants = torch_variants(optimizer, dev.type, dtype)
+    if s.scale == "quick" and optimizer != "AdamW":
+        variants = {k: v for k, v in variants.items() if k == best_variant(optimizer, dev.type, dtype)}
+    standard, expected = time_standard(variants)
+    rows = []
+    for b in s.backends:
+        with backend(b):
+            fused_s = time_fused(expected)
+        release()
+        rows += [Row("boundary", layout.name, dtype_name, b, case, f"torch {name}", "acc.step()", t, fused_s,
+                     layout.numel, step_floor(optimizer, master)) for name, t in standard.items()]
+    return rows
+
+
+# -- 3. whole window -----------------------------------------------------------------------
+
+
+def window_job(s: Settings, layout: Layout, dtype_name: str) -> list[Row]:
+    """N micro-batches (autograd makes fresh gradients each time) + clip + AdamW step."""
+    dtype, dev, n = DTYPES[dtype_name], s.device, s.accumulation_steps
+    master = dtype != torch.float32
+    label = f"window {layout.name} {dtype_name}"
+    init = random_tensors(layout.shapes, dtype, dev, seed=1)
+    torch.manual_seed(4)
+    scales = [w for w in torch.rand(n, device=dev) + 0.5]  # one 0-dim weight per micro-batch
+    hyper = {"lr": 1e-3}
+
+    def standard_loop(params, opt):  # the seed's loop, with clipping; also the swap-in loop
+        def window():
+            for k in range(n):
+                (probe_loss(params, [scales[k]] * len(params)) / n).backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            opt.step()
+            opt.zero_grad()
+        return window
+
+    def full_path(params, acc):
+        def window():
+            for k in range(n):
+                acc.backward(probe_loss(params, [scales[k]] * len(params)))
+                acc.step()
+        return window
+
+    def time_standard(variant: str) -> tuple[float, list[torch.Tensor]]:
+        params = leaf_params(init)
+        opt = torch.optim.AdamW(params, **hyper, **torch_variants("AdamW", dev.type, dtype)[variant])
+        window = standard_loop(params, opt)
+        window()
+        after_one = [p.detach().clone() for p in params]
+        return s.clock.measure(window), after_one
+
+    def time_fused(mode: str, expected) -> float:
+        params = leaf_params(init)
+        opt = fa.AdamW(params, master_weights=master, **hyper)
+        if mode == "swap-in":
+            acc = fa.GradAccumulator(opt)
+            window = standard_loop(params, opt)
+        else:
+            acc = fa.GradAccumulator(opt, accumulation_steps=n, max_grad_norm=MAX_GRAD_NORM)
+            window = full_path(params, acc)
+        window()
+        assert_same(params, expected, dtype, f"{label} {mode} [{fa_backend()}]")
+        seconds = s.clock.measure(window)
+        return seconds
+
+    variants = ["foreach"] + (["fused"] if "fused" in torch_variants("AdamW", dev.type, dtype) else [])
+    if s.scale == "quick":
+        variants = variants[-1:]
+    standard, expected = {}, None
+    for name in variants:
+        standard[f"torch AdamW {name}"], after_one = time_standard(name)
+        expected = expected or after_one
+        release()
+    # Swap-in clips p.grad, which shows the arena only where it has the parameters' dtype.
+    modes = ["full path"] if master else ["swap-in", "full path"]
+    floor = accumulate_floor(dtype, first=True) + (n - 1) * accumulate_floor(dtype) + step_floor("AdamW", master)
+    rows = []
+    for b in s.backends:
+        for mode in modes:
+            with backend(b):
+                fused_s = time_fused(mode, expected)
+            release()
+            rows += [Row("window", layout.name, dtype_name, b, f"{n} micro-batches + AdamW + clip", name, mode,
+                         t, fused_s, layout.numel, floor) for name, t in standard.items()]
+    return rows
+
+
+# -- 4. size sweep -------------------------------------------------------------------------
+
+
+def sweep_job(s: Settings, n: int) -> list[Row]:
+    """One fp32 tensor of n elements: accumulate, and a bare AdamW step (no clip)."""
+    dev = s.device
+    start, new = random_tensors([(n,), (n,)], torch.float32, dev, seed=1)
+    variant = best_variant("AdamW", dev.type, torch.float32)
+    hyper = {"lr": 1e-3, "weight_decay": 1e-2}
+
+    def time_standard() -> tuple[float, float, torch.Tensor]:
+        grad = start.clone()
+        accumulate_s = s.clock.measure(lambda: grad.add_(new))
+        (p,) = leaf_params([start])
+        p.grad = new.clone()
+        opt = torch.optim.AdamW([p], **hyper, **torch_variants("AdamW", dev.type, torch.float32)[variant])
+        opt.step()
+        after_one = p.detach().clone()
+        return accumulate_s, s.clock.measure(opt.step), after_one
+
+    def time_fused(expected) -> tuple[float, float]:
+        arena = start.clone()
+        op = torch.ops.fusedaccum.accumulate
+        op(arena, [new], [0], 1.0, False, None, None)
+        assert_same([arena], [start + new], torch.float32, f"sweep accumulate {n} [{fa_backend()}]")
+        accumulate_s = s.clock.measure(lambda: op(arena, [new], [0], 1.0, False, None, None))
+        (p,) = leaf_params([start])
+        p.grad = new.clone()
+        opt = fa.AdamW([p], **hyper)
+        opt.step()  # gathers p.grad into the arena, then steps: from here the arena holds it
+        assert_same([p], [expected], torch.float32, f"sweep AdamW step {n} [{fa_backend()}]")
+        # The bare fused pass over the arena: what acc.step() launches, without the norm and
+        # factor arithmetic before it.
+        return accumulate_s, s.clock.measure(lambda: opt._fused_step([[True]], factor={}, found_inf={}))
+
+    standard_acc, standard_step, expected = time_standard()
+    rows = []
+    for b in s.backends:
+        with backend(b):
+            fused_acc, fused_step = time_fused(expected)
+        release()
+        rows.append(Row("sweep", f"1 x {n}", "fp32", b, "accumulate", "p.grad += g", "accumulate op",
+                        standard_acc, fused_acc, n, accumulate_floor(torch.float32)))
+        rows.append(Row("sweep", f"1 x {n}", "fp32", b, "AdamW step", f"torch AdamW {variant}", "fused step",
+                        standard_step, fused_step, n, step_floor("AdamW", master=False)))
+    return rows
+
+
+# -- 5. end to end -------------------------------------------------------------------------
+
+
+class TinyLM(torch.nn.Module):
+    """A 2-layer causal transformer LM (d=128), the smallest model that looks like an LLM."""
+
+    def __init__(self, vocab=1000, d=128, layers=2, heads=4, seq=64):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.pos = torch.nn.Parameter(torch.zeros(seq, d))
+        layer = torch.nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
+        self.blocks = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(d, vocab)
+        self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+
+    def forward(self, x):
+        h = self.embed(x) + self.pos[: x.shape[1]]
+        return self.head(self.blocks(h, mask=self.mask, is_causal=True))
+
+
+def end_to_end_job(s: Settings, model_name: str) -> list[Row]:
+    """Optimizer steps (windows of N micro-batches) per second of a real training loop."""
+    dev, n = s.device, s.accumulation_steps
+    torch.manual_seed(0)
+    if model_name == "seed":  # the seed: Embedding(1000,128) + Linear(128,1000), Adam 1e-3, 8x20
+        vocab, shape, clip = 1000, (8, 20), None
+        base = torch.nn.Sequential(torch.nn.Embedding(vocab, 128), torch.nn.Linear(128, vocab)).to(dev)
+        torch_cls, fa_cls, hyper = torch.optim.Adam, fa.Adam, {"lr": 1e-3}
+    else:  # a small transformer LM, AdamW + clipping as LMs are trained
+        vocab, shape, clip = 1000, (8, 64), MAX_GRAD_NORM
+        base = TinyLM(vocab).to(dev)
+        torch_cls, fa_cls, hyper = torch.optim.AdamW, fa.AdamW, {"lr": 1e-3}
+    gen = torch.Generator().manual_seed(1)
+    data = [tuple(torch.randint(0, vocab, shape, generator=gen).to(dev) for _ in "xy") for _ in range(n)]
+
+    def loss_of(model, x, y):
+        return torch.nn.functional.cross_entropy(model(x).view(-1, vocab), y.view(-1))
+
+    def standard_loop(model, opt):
+        def window():
+            for x, y in data:
+                (loss_of(model, x, y) / n).backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            opt.zero_grad()
+        return window
+
+    def full_path(model, acc):
+        def window():
+            for x, y in data:
+                acc.backward(loss_of(model, x, y))
+                acc.step()
+        return window
+
+    def time_standard() -> tuple[float, list[torch.Tensor]]:
+        model = copy.deepcopy(base)
+        window = standard_loop(model, torch_cls(model.parameters(), **hyper))
+        window()
+        after_one = [p.detach().clone() for p in model.parameters()]
+        return s.clock.measure(window), after_one
+
+    def time_fused(mode: str, expected) -> float:
+        model = copy.deepcopy(base)
+        opt = fa_cls(model.parameters(), **hyper)
+        if mode == "swap-in":
+            acc = fa.GradAccumulator(opt)
+            window = standard_loop(model, opt)
+        else:
+            acc = fa.GradAccumulator(opt, accumulation_steps=n, max_grad_norm=clip)
+            window = full_path(model, acc)
+        window()
+        assert_same(list(model.parameters()), expected, torch.float32,
+                    f"end-to-end {model_name} {mode} [{fa_backend()}]")
+        seconds = s.clock.measure(window)
+        return seconds
+
+    standard_s, expected = time_standard()
+    rows = []
+    for b in s.backends:
+        for mode in ["swap-in", "full path"] if model_name == "seed" else ["full path"]:
+            with backend(b):
+                fused_s = time_fused(mode, expected)
+            release()
+            rows.append(Row("end-to-end", model_name, "fp32", b, f"train window (N={n}, batch {shape[0]}x{shape[1]})",
+                            f"torch.optim.{torch_cls.__name__}", mode, standard_s, fused_s,
+                            sum(p.numel() for p in base.parameters()), None))
+    return rows
+
+
+# -- the plan ------------------------------------------------------------------------------
+
+
+def plan(s: Settings, sections: list[str]) -> list[Job]:
+    jobs = []
+    amp = amp_unavailable(s.device.type) is None
+    if "boundary" in sections and "fp32" in s.dtypes and not amp:
+        s.notes.append(f"fp16 AMP boundary skipped: GradScaler does not run on {s.device.type} "
+                       f"({amp_unavailable(s.device.type)})")
+    for name, layout in s.layouts.items():
+        for dt in s.dtypes:
+            if "accumulate" in sections:
+                jobs.append(Job(f"accumulate {name} {dt}", functools.partial(accumulate_job, s, layout, dt)))
+            if "boundary" in sections:
+                for opt_name in OPTIMIZERS:
+                    for with_amp in (False, True) if amp and opt_name == "AdamW" and dt == "fp32" else (False,):
+                        jobs.append(Job(f"boundary {opt_name}{' AMP' if with_amp else ''} {name} {dt}",
+                                        functools.partial(boundary_job, s, layout, dt, opt_name, with_amp)))
+            if "window" in sections:
+                jobs.append(Job(f"window {name} {dt}", functools.partial(window_job, s, layout, dt)))
+    if "accumulate" in sections and "bf16" in s.dtypes:
+        jobs.append(Job("precision bf16", functools.partial(precision_job, s)))
+    if "sweep" in sections:
+        for n in sweep_sizes(s.device.type, s.scale):
+            jobs.append(Job(f"sweep {n}", functools.partial(sweep_job, s, n)))
+    if "end-to-end" in sections:
+        for model_name in ("seed", "transformer-lm"):
+            jobs.append(Job(f"end-to-end {model_name}", functools.partial(end_to_end_job, s, model_name)))
+    return jobs

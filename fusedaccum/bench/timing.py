@@ -1,0 +1,100 @@
+"""Timers and the copy bandwidth that achieved bandwidths are compared with.
+
+Every number is a median over single calls, each preceded by untimed work: the caller's
+`setup` (restore gradients, reopen a window) and a cache flush, so that a small problem is not
+served from cache unless a real loop would keep it there. On CUDA a short plain call is timed
+with triton.testing.do_bench (which flushes the L2 the same way); a long call, a call that
+needs a setup, or a machine without triton uses CUDA events around each call. On CPU each call
+is timed with perf_counter. Every measurement starts with a warm-up call.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+COPY_ELEMENTS = {"cuda": 64 << 20, "cpu": 32 << 20}  # fp32 elements: far larger than the last-level cache
+# Written before each timed call to evict the caches: triton's 256 MB on CUDA; on CPU 128 MB,
+# which measured enough here (a 32 MB-L3 EPYC VM whose caches still held a 64 MB working set).
+FLUSH_BYTES = {"cuda": 256 << 20, "cpu": 128 << 20}
+
+
+class Clock:
+    """Median wall time of a callable on one device.
+
+    `min_time` is the timed time to aim for per measurement (seconds); `max_reps` caps the
+    number of timed calls, `min_reps` floors it (a slow call is still timed a few times).
+    """
+
+    def __init__(self, device: torch.device, min_time: float, min_reps: int = 3, max_reps: int = 100):
+        self.device = device
+        self.min_time = min_time
+        self.min_reps = min_reps
+        self.max_reps = max_reps
+        self.cuda = device.type == "cuda"
+        self._flush_buffer = torch.empty(FLUSH_BYTES[device.type] // 4, dtype=torch.float32, device=device)
+        self.method = "median of single calls, caches flushed before each"
+        self._do_bench = None
+        if self.cuda:
+            try:
+                from triton.testing import do_bench  # lazily: triton is optional and slow to import
+
+                self._do_bench = do_bench
+                self.method = ("triton.testing.do_bench median (short calls); "
+                               "CUDA events (long calls, calls with a setup)")
+            except ImportError:
+                self.method = "CUDA events, median of single calls, L2 flushed before each (triton missing)"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def flush(self) -> None:
+        # fill_, not zero_: on CPU zero_ is a single-threaded memset that can stream past the cache.
+        self._flush_buffer.fill_(1.0)
+
+    def measure(self, fn: Callable[[], object], setup: Callable[[], object] | None = None) -> float:
+        """Median seconds of fn(), with setup() (untimed) before every call."""
+        # Warm-up: a first call pays for allocation, lazy initialisation and code paths that
+        # run once; a second (skipped for calls slower than min_time) gives the estimate
+        # that sizes the repeat count.
+        estimate = self._one_call(fn, setup)
+        if self._do_bench is not None and setup is None and estimate < self.min_time / 10:
+            # Short CUDA calls: do_bench's many repeats. (For long ones its fixed 5 estimate
+            # calls and single repeat would cost more and tell less than the loop below.)
+            return self._do_bench_median(fn)
+        if estimate < self.min_time:
+            estimate = self._one_call(fn, setup)
+        reps = int(min(self.max_reps, max(self.min_reps, self.min_time / max(estimate, 1e-9))))
+        return statistics.median(self._one_call(fn, setup) for _ in range(reps))
+
+    def _one_call(self, fn, setup) -> float:
+        if setup is not None:
+            setup()
+        self.flush()
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.sync()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def _do_bench_median(self, fn) -> float:
+        # do_bench's warmup/rep are milliseconds of GPU time; min_time sets the scale.
+        rep_ms = max(10.0, 1e3 * self.min_time)
+        return self._do_bench(fn, warmup=rep_ms / 4, rep=rep_ms, return_mode="median") / 1e3
+
+    def copy_bandwidth(self) -> float:
+        """GB/s of dst.copy_(src) over a large fp32 tensor, counting the read and the write."""
+        n = COPY_ELEMENTS[self.device.type]
+        src = torch.randn(n, device=self.device)
+        dst = torch.empty_like(src)
+        seconds = self.measure(lambda: dst.copy_(src))
+        return 2 * 4 * n / seconds / 1e9

@@ -1,0 +1,38 @@
+"""Smoke test of fusedaccum-bench: main() in-process on toy sizes writes a complete run."""
+import json
+import math
+
+import pytest
+
+pytest.importorskip("rich")
+pytest.importorskip("matplotlib")
+
+from fusedaccum.bench.__main__ import main  # noqa: E402
+
+
+def test_bench_cli_writes_a_complete_run(tmp_path):
+    argv = ["--device", "cpu", "--tiny", "--layout", "many-small", "--dtype", "fp32",
+            "--cases", "accumulate,boundary,window,sweep", "--accumulation-steps", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+
+    runs = [p for p in tmp_path.glob("*.json") if not p.name.startswith("latest-")]
+    assert len(runs) == 1 and runs[0].with_suffix(".csv").exists() and runs[0].with_suffix(".png").exists()
+    latest = json.loads((tmp_path / "latest-cpu.json").read_text())
+    assert latest["run_file"] == runs[0].name
+    run = json.loads(runs[0].read_text())
+    for key in ("timestamp", "device", "versions", "git", "args", "scale", "backends", "copy_bandwidth_gbps",
+                "layouts", "rows", "precision", "notes", "timing"):
+        assert key in run, key
+    assert run["device"]["type"] == "cpu" and run["device"]["name"]
+    assert {"torch", "fusedaccum", "triton"} <= set(run["versions"])
+    assert "commit" in run["git"]
+    assert run["scale"] == "tiny" and run["copy_bandwidth_gbps"] > 0
+
+    sections = {r["section"] for r in run["rows"]}
+    assert sections == {"accumulate", "boundary", "window", "sweep"}
+    for r in run["rows"]:
+        assert r["dtype"] == "fp32" and (r["layout"] == "many-small" or r["section"] == "sweep")
+        for value in (r["ratio"], r["standard_s"], r["fused_s"], r["standard_gbps"], r["fused_gbps"],
+                      r["standard_pct_of_copy"], r["fused_pct_of_copy"]):
+            assert math.isfinite(value) and value > 0, r
+        assert r["ratio"] == pytest.approx(r["standard_s"] / r["fused_s"])
