@@ -8,7 +8,12 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 namespace fusedaccum {
 
@@ -32,12 +37,11 @@ struct AdamConstants {
   float one_minus_beta1;  // 1 - beta rounded once from double, as torch.optim's Python floats are
   float one_minus_beta2;
   float eps;
-  float weight_decay;
-  float decay_factor;           // 1 - lr * weight_decay, for decoupled (AdamW) decay
+  float grad_sign;              // -1 to maximize, else 1 (exact either way)
+  float coupled_weight_decay;   // Adam's L2 term; 0 for AdamW (g + 0 * p == g exactly)
+  float decay_factor;           // AdamW's 1 - lr * weight_decay; 1 for Adam (p * 1 == p exactly)
   float step_size;              // lr / (1 - beta1^step)
   float bias_correction2_sqrt;  // sqrt(1 - beta2^step)
-  bool decoupled;
-  bool maximize;
   bool amsgrad;
 };
 
@@ -51,38 +55,30 @@ C10_HOST_DEVICE inline AdamConstants adam_constants(
   c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
   c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   c.eps = static_cast<float>(eps);
-  c.weight_decay = static_cast<float>(weight_decay);
-  c.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
+  c.grad_sign = maximize ? -1.0f : 1.0f;
+  c.coupled_weight_decay = decoupled ? 0.0f : static_cast<float>(weight_decay);
+  c.decay_factor = decoupled ? static_cast<float>(1.0 - lr * weight_decay) : 1.0f;
   c.step_size = static_cast<float>(lr / (1.0 - pow(beta1, step)));
   c.bias_correction2_sqrt = static_cast<float>(sqrt(1.0 - pow(beta2, step)));
-  c.decoupled = decoupled;
-  c.maximize = maximize;
   c.amsgrad = amsgrad;
   return c;
 }
 
 // One Adam/AdamW element. g is the raw accumulated gradient; factor folds 1/N (or
 // 1/items), the inverse loss scale and the clip coefficient into one multiply.
-// max_v is read and written only when c.amsgrad.
+// max_v is read and written only when c.amsgrad. No branch depends on the data or on the
+// options except amsgrad (the options are folded into exact multiplies by 1 and adds of 0), so
+// the CPU loops vectorize.
 C10_HOST_DEVICE inline void adam_element(
     float& p, float g, float& m, float& v, float& max_v, float factor, const AdamConstants& c) {
-  g *= factor;
-  if (c.maximize) g = -g;
-  if (c.weight_decay != 0.0f) {
-    if (c.decoupled) {
-      p *= c.decay_factor;
-    } else {
-      g += c.weight_decay * p;
-    }
-  }
+  g = g * factor * c.grad_sign;
+  g += c.coupled_weight_decay * p;  // torch: grad = grad.add(param, alpha=weight_decay)
+  p *= c.decay_factor;              // torch (AdamW): param.mul_(1 - lr * weight_decay)
   m += (g - m) * c.one_minus_beta1;  // torch: exp_avg.lerp_(grad, 1 - beta1)
   v = v * c.beta2 + c.one_minus_beta2 * g * g;
-  float denom_v = v;
-  if (c.amsgrad) {
-    max_v = max_v > v ? max_v : v;  // a NaN in v propagates, as torch.maximum does
-    denom_v = max_v;
-  }
-  const float denom = sqrtf(denom_v) / c.bias_correction2_sqrt + c.eps;
+  const float running_max = max_v > v ? max_v : v;  // a NaN in v propagates, as torch.maximum does
+  max_v = c.amsgrad ? running_max : max_v;            // selects, not branches: the loops vectorize
+  const float denom = sqrtf(c.amsgrad ? running_max : v) / c.bias_correction2_sqrt + c.eps;
   p += -c.step_size * (m / denom);
 }
 
@@ -91,8 +87,8 @@ struct SgdConstants {
   float momentum;
   float one_minus_dampening;
   float weight_decay;
+  float grad_sign;   // -1 to maximize, else 1
   bool nesterov;
-  bool maximize;
   bool first_step;  // torch.optim starts the momentum buffer as a copy of the gradient
 };
 
@@ -105,7 +101,7 @@ C10_HOST_DEVICE inline SgdConstants sgd_constants(
   c.one_minus_dampening = static_cast<float>(1.0 - dampening);
   c.weight_decay = static_cast<float>(weight_decay);
   c.nesterov = nesterov;
-  c.maximize = maximize;
+  c.grad_sign = maximize ? -1.0f : 1.0f;
   c.first_step = step <= 1.0;  // the count already includes this step
   return c;
 }
@@ -113,14 +109,43 @@ C10_HOST_DEVICE inline SgdConstants sgd_constants(
 // One SGD element; buf is read and written only when c.momentum != 0.
 C10_HOST_DEVICE inline void sgd_element(
     float& p, float g, float& buf, float factor, const SgdConstants& c) {
-  g *= factor;
-  if (c.maximize) g = -g;
-  if (c.weight_decay != 0.0f) g += c.weight_decay * p;
+  g = g * factor * c.grad_sign;
+  g += c.weight_decay * p;  // exact no-op when weight_decay == 0
   if (c.momentum != 0.0f) {
     buf = c.first_step ? g : buf * c.momentum + c.one_minus_dampening * g;
     g = c.nesterov ? g + c.momentum * buf : buf;
   }
   p += -c.lr * g;
+}
+
+// fp32 -> bf16 rounding to nearest even without a branch (c10::BFloat16's constructor tests
+// for NaN with a branch, which keeps CPU loops scalar). Same bits as c10's.
+C10_HOST_DEVICE inline c10::BFloat16 to_bf16(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = static_cast<uint16_t>((x != x) ? 0x7FC0u : rounded);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
+// storage type -> float, vectorizable on CPU (bf16 is the top half of an fp32).
+C10_HOST_DEVICE inline float load_float(float x) { return x; }
+C10_HOST_DEVICE inline float load_float(c10::Half x) { return static_cast<float>(x); }
+C10_HOST_DEVICE inline float load_float(c10::BFloat16 x) {
+  const uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// float -> storage type T, vectorizable on CPU.
+template <typename T>
+C10_HOST_DEVICE inline T store_as(float x) {
+  return static_cast<T>(x);
+}
+template <>
+C10_HOST_DEVICE inline c10::BFloat16 store_as<c10::BFloat16>(float x) {
+  return to_bf16(x);
 }
 
 }  // namespace fusedaccum

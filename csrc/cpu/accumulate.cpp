@@ -9,10 +9,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../dispatch.h"
 #include "../elementwise.h"
+#include "tile.h"
 
 namespace fusedaccum {
 namespace {
@@ -30,14 +33,27 @@ struct Piece {
 template <typename A, typename G, bool kFirst, bool kStats>
 double fold(A* acc, const G* g, int64_t n, float scale) {
   double sum_sq = 0.0;
+  if constexpr (std::is_same_v<A, float> && std::is_same_v<G, float>) {
+    // All fp32: one loop over the arrays themselves, no tile copies.
 #pragma omp simd reduction(+ : sum_sq)
-  for (int64_t i = 0; i < n; ++i) {
-    const float prev = kFirst ? 0.0f : static_cast<float>(acc[i]);
-    const A out = static_cast<A>(accumulate_element(prev, static_cast<float>(g[i]), scale, kFirst));
-    acc[i] = out;
+    for (int64_t i = 0; i < n; ++i) {
+      acc[i] = accumulate_element(kFirst ? 0.0f : acc[i], g[i], scale, kFirst);
+      if constexpr (kStats) sum_sq += static_cast<double>(acc[i]) * acc[i];
+    }
+    return sum_sq;
+  }
+  float a[kTile], x[kTile];
+  for (int64_t t = 0; t < n; t += kTile) {
+    const int64_t len = std::min(kTile, n - t);
+    load_tile(g + t, x, len);
+    if constexpr (!kFirst) load_tile(acc + t, a, len);
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) a[j] = accumulate_element(kFirst ? 0.0f : a[j], x[j], scale, kFirst);
+    store_tile(a, acc + t, len);
     if constexpr (kStats) {
-      const double v = static_cast<float>(out);
-      sum_sq += v * v;
+      load_tile(acc + t, a, len);  // the stored (rounded) values, as in L1 now
+#pragma omp simd reduction(+ : sum_sq)
+      for (int64_t j = 0; j < len; ++j) sum_sq += static_cast<double>(a[j]) * a[j];
     }
   }
   return sum_sq;

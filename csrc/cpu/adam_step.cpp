@@ -9,28 +9,67 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "../dispatch.h"
 #include "../elementwise.h"
+#include "tile.h"
 
 namespace fusedaccum {
 namespace {
 
 constexpr int64_t kGrain = 1 << 14;
 
+// amsgrad and the copy are template flags so that the loops have no conditional loads or
+// stores; the options inside adam_element are branch-free selects, so the float loop
+// vectorizes (tile.h says why it works on tiles).
+template <typename P, typename G, typename C, bool kAmsgrad, bool kCopy>
+void adam_loop(P* __restrict param, const G* __restrict grad, P* __restrict exp_avg, P* __restrict exp_avg_sq,
+               P* __restrict max_exp_avg_sq, C* __restrict param_copy,
+               int64_t begin, int64_t end, float factor, const AdamConstants c) {
+  if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float> && !kCopy) {
+    // All fp32: the math runs on the arrays themselves, no tile copies.
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      float p = param[i], m = exp_avg[i], v = exp_avg_sq[i];
+      float vmax = kAmsgrad ? max_exp_avg_sq[i] : 0.0f;
+      adam_element(p, grad[i], m, v, vmax, factor, c);
+      param[i] = p;
+      exp_avg[i] = m;
+      exp_avg_sq[i] = v;
+      if constexpr (kAmsgrad) max_exp_avg_sq[i] = vmax;
+    }
+    return;
+  }
+  float p[kTile], g[kTile], m[kTile], v[kTile], vmax[kTile];
+  for (int64_t t = begin; t < end; t += kTile) {
+    const int64_t n = std::min(kTile, end - t);
+    load_tile(param + t, p, n);
+    load_tile(grad + t, g, n);
+    load_tile(exp_avg + t, m, n);
+    load_tile(exp_avg_sq + t, v, n);
+    if constexpr (kAmsgrad) load_tile(max_exp_avg_sq + t, vmax, n);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) adam_element(p[j], g[j], m[j], v[j], vmax[j], factor, c);
+    store_tile(p, param + t, n);
+    store_tile(m, exp_avg + t, n);
+    store_tile(v, exp_avg_sq + t, n);
+    if constexpr (kAmsgrad) store_tile(vmax, max_exp_avg_sq + t, n);
+    if constexpr (kCopy) store_tile(p, param_copy + t, n);
+  }
+}
+
 template <typename P, typename G, typename C>
-void adam_loop(P* param, const G* grad, P* exp_avg, P* exp_avg_sq, P* max_exp_avg_sq,
-               C* param_copy, int64_t begin, int64_t end, float factor, const AdamConstants& c) {
-  for (int64_t i = begin; i < end; ++i) {
-    float p = static_cast<float>(param[i]);
-    float m = static_cast<float>(exp_avg[i]);
-    float v = static_cast<float>(exp_avg_sq[i]);
-    float vmax = c.amsgrad ? static_cast<float>(max_exp_avg_sq[i]) : 0.0f;
-    adam_element(p, static_cast<float>(grad[i]), m, v, vmax, factor, c);
-    param[i] = static_cast<P>(p);
-    exp_avg[i] = static_cast<P>(m);
-    exp_avg_sq[i] = static_cast<P>(v);
-    if (c.amsgrad) max_exp_avg_sq[i] = static_cast<P>(vmax);
-    if (param_copy != nullptr) param_copy[i] = static_cast<C>(p);
+void adam_range(P* param, const G* grad, P* exp_avg, P* exp_avg_sq, P* max_exp_avg_sq, C* param_copy,
+                int64_t begin, int64_t end, float factor, const AdamConstants& c) {
+  const bool copy = param_copy != nullptr;
+  if (c.amsgrad) {
+    copy ? adam_loop<P, G, C, true, true>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, begin, end, factor, c)
+         : adam_loop<P, G, C, true, false>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, begin, end, factor, c);
+  } else {
+    copy ? adam_loop<P, G, C, false, true>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, begin, end, factor, c)
+         : adam_loop<P, G, C, false, false>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, begin, end, factor, c);
   }
 }
 
@@ -75,7 +114,7 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
         p_t* vmax = amsgrad ? max_exp_avg_sq->data_ptr<p_t>() : nullptr;
         c_t* copy = param_copy.has_value() ? param_copy->data_ptr<c_t>() : nullptr;
         at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-          adam_loop(p, g, m, v, vmax, copy, begin, end, f, c);
+          adam_range(p, g, m, v, vmax, copy, begin, end, f, c);
         });
       });
     });
