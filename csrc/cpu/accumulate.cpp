@@ -31,7 +31,7 @@ struct Piece {
 // A double partial of squares never overflows from finite floats (max float^2 ~ 1e77), so a
 // non-finite partial means a non-finite element: the flag comes for free from the sum.
 template <typename A, typename G, bool kFirst, bool kStats>
-double fold(A* acc, const G* g, int64_t n, float scale) {
+FUSEDACCUM_CPU_CLONES double fold(A* acc, const G* g, int64_t n, float scale) {
   double sum_sq = 0.0;
   if constexpr (std::is_same_v<A, float> && std::is_same_v<G, float>) {
     // All fp32: one loop over the arrays themselves, no tile copies.

@@ -25,7 +25,7 @@ constexpr int64_t kGrain = 1 << 14;
 // stores; the options inside adam_element are branch-free selects, so the float loop
 // vectorizes (tile.h says why it works on tiles).
 template <typename P, typename G, typename C, bool kAmsgrad, bool kCopy>
-void adam_loop(P* __restrict param, const G* __restrict grad, P* __restrict exp_avg, P* __restrict exp_avg_sq,
+FUSEDACCUM_CPU_CLONES void adam_loop(P* __restrict param, const G* __restrict grad, P* __restrict exp_avg, P* __restrict exp_avg_sq,
                P* __restrict max_exp_avg_sq, C* __restrict param_copy,
                int64_t begin, int64_t end, float factor, const AdamConstants c) {
   if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float> && !kCopy) {

@@ -20,7 +20,7 @@ constexpr int64_t kGrain = 1 << 14;
 // Momentum and the copy are template flags so that the loops have no conditional loads or
 // stores and vectorize (tile.h says why they work on tiles).
 template <typename P, typename G, typename C, bool kMomentum, bool kCopy>
-void sgd_loop(P* __restrict param, const G* __restrict grad, P* __restrict momentum_buffer,
+FUSEDACCUM_CPU_CLONES void sgd_loop(P* __restrict param, const G* __restrict grad, P* __restrict momentum_buffer,
               C* __restrict param_copy, int64_t begin, int64_t end,
               float factor, const SgdConstants c) {
   if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float> && !kCopy) {

@@ -11,6 +11,15 @@ namespace fusedaccum {
 
 constexpr int64_t kTile = 512;
 
+// The CPU loops are compiled for AVX2 too and picked at load time by the CPU they run on
+// (GCC function multi-versioning), so a build still runs on any x86-64. FMA stays off
+// (-ffp-contract=off): the same roundings as the reference and the CUDA kernels.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FUSEDACCUM_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FUSEDACCUM_CPU_CLONES
+#endif
+
 template <typename T>
 inline void load_tile(const T* __restrict src, float* __restrict dst, int64_t n) {
 #pragma omp simd
