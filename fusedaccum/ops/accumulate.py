@@ -13,9 +13,11 @@ triton_kernels/accumulate.py.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
-from fusedaccum.ops import check_flat, check_float_dtype, check_scalar, define, expect
+from fusedaccum.ops import DTYPES, check_flat, check_float_dtype, check_scalar, define, expect
 
 SCHEMA = (
     "accumulate(Tensor(a!) arena, Tensor[] grads, int[] offsets, float scale, bool first, "
@@ -26,16 +28,25 @@ SCHEMA = (
 def check(arena, grads, offsets, scale, first, sumsq, found_inf) -> None:
     check_flat(arena, "the arena")
     expect(len(grads) == len(offsets), f"accumulate got {len(grads)} gradients but {len(offsets)} offsets")
-    for i, (g, off) in enumerate(zip(grads, offsets)):
-        expect(
-            g.layout == torch.strided,
-            f"gradient {i} is {g.layout}; fusedaccum accumulates dense gradients only "
-            f"(use nn.Embedding(sparse=False), or keep this parameter on a torch.optim optimizer)",
-        )
-        check_float_dtype(g, f"gradient {i}")
-        expect(g.device == arena.device, f"gradient {i} is on {g.device} but its arena is on {arena.device}")
-        expect(0 <= off and off + g.numel() <= arena.numel(),
-               f"gradient {i} ({g.numel()} elements at offset {off}) does not fit in an arena of {arena.numel()}")
+    # Runs once per launch over possibly thousands of gradients: whole-list checks first,
+    # the per-gradient walk only to name the offender.
+    if not (
+        {g.layout for g in grads} <= {torch.strided}
+        and {g.dtype for g in grads} <= set(DTYPES)
+        and {g.device for g in grads} <= {arena.device}
+        and min(offsets, default=0) >= 0
+        and max(map(operator.add, offsets, (g.numel() for g in grads)), default=0) <= arena.numel()
+    ):
+        for i, (g, off) in enumerate(zip(grads, offsets)):
+            expect(
+                g.layout == torch.strided,
+                f"gradient {i} is {g.layout}; fusedaccum accumulates dense gradients only "
+                f"(use nn.Embedding(sparse=False), or keep this parameter on a torch.optim optimizer)",
+            )
+            check_float_dtype(g, f"gradient {i}")
+            expect(g.device == arena.device, f"gradient {i} is on {g.device} but its arena is on {arena.device}")
+            expect(0 <= off and off + g.numel() <= arena.numel(),
+                   f"gradient {i} ({g.numel()} elements at offset {off}) does not fit in an arena of {arena.numel()}")
     check_scalar(sumsq, "sumsq", arena)
     check_scalar(found_inf, "found_inf", arena)
 
