@@ -302,3 +302,21 @@ def test_frozen_then_unfrozen_parameter(device_backend, mode):
     acc = fa.GradAccumulator(opt, accumulation_steps=N if mode == "full" else None)
     train(model, opt, acc)
     assert_same_params(ref, model)
+
+
+def test_dynamic_loss_scale_grows_after_good_windows(device_backend):
+    """GradScaler's rule: growth_interval good windows in a row double the scale; an overflow
+    halves it and restarts the count."""
+    device, _ = device_backend
+    data = seed_data(device, 100, steps=N)
+    model = seed_model(device, small=True)
+    acc = fa.GradAccumulator(fa.SGD(model.parameters(), lr=0.1), accumulation_steps=1, loss_scale="dynamic",
+                             growth_interval=3)
+    seen = []
+    for k, (x, y) in enumerate(data * 2):
+        loss = loss_fn(model, x, y, 100)
+        acc.backward(loss * float("inf") if k == 4 else loss)
+        acc.step()
+        seen.append(acc.loss_scale)
+    s = 2.0**16
+    assert seen == [s, s, 2 * s, 2 * s, s, s, s, 2 * s]
