@@ -11,4 +11,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch>=2.11" ninja setuptools wheel pytest numpy matplotlib rich
 MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --no-build-isolation "${@:-.}"
-.venv/bin/python -c "import fusedaccum as fa; print('fusedaccum', fa.__version__, fa.backends())"
+# From tests/, so that the installed package is imported, not the source folder.
+(cd tests && ../.venv/bin/python -c "import fusedaccum as fa; print('fusedaccum', fa.__version__, fa.backends())")

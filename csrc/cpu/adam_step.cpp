@@ -28,17 +28,22 @@ template <typename P, typename G, typename C, bool kAmsgrad, bool kCopy>
 FUSEDACCUM_CPU_CLONES void adam_loop(P* __restrict param, const G* __restrict grad, P* __restrict exp_avg, P* __restrict exp_avg_sq,
                P* __restrict max_exp_avg_sq, C* __restrict param_copy,
                int64_t begin, int64_t end, float factor, const AdamConstants c) {
-  if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float> && !kCopy) {
-    // All fp32: the math runs on the arrays themselves, no tile copies.
+  if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float>) {
+    // fp32 parameter (or master) and gradient: the math runs on the arrays themselves; only
+    // the low-precision copy of a master goes through a tile.
+    for (int64_t t = begin; t < end; t += kTile) {
+      const int64_t stop = std::min(t + kTile, end);
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      float p = param[i], m = exp_avg[i], v = exp_avg_sq[i];
-      float vmax = kAmsgrad ? max_exp_avg_sq[i] : 0.0f;
-      adam_element(p, grad[i], m, v, vmax, factor, c);
-      param[i] = p;
-      exp_avg[i] = m;
-      exp_avg_sq[i] = v;
-      if constexpr (kAmsgrad) max_exp_avg_sq[i] = vmax;
+      for (int64_t i = t; i < stop; ++i) {
+        float p = param[i], m = exp_avg[i], v = exp_avg_sq[i];
+        float vmax = kAmsgrad ? max_exp_avg_sq[i] : 0.0f;
+        adam_element(p, grad[i], m, v, vmax, factor, c);
+        param[i] = p;
+        exp_avg[i] = m;
+        exp_avg_sq[i] = v;
+        if constexpr (kAmsgrad) max_exp_avg_sq[i] = vmax;
+      }
+      if constexpr (kCopy) store_tile(param + t, param_copy + t, stop - t);
     }
     return;
   }

@@ -23,15 +23,20 @@ template <typename P, typename G, typename C, bool kMomentum, bool kCopy>
 FUSEDACCUM_CPU_CLONES void sgd_loop(P* __restrict param, const G* __restrict grad, P* __restrict momentum_buffer,
               C* __restrict param_copy, int64_t begin, int64_t end,
               float factor, const SgdConstants c) {
-  if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float> && !kCopy) {
-    // All fp32: the math runs on the arrays themselves, no tile copies.
+  if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float>) {
+    // fp32 parameter (or master) and gradient: the math runs on the arrays themselves; only
+    // the low-precision copy of a master goes through a tile.
+    for (int64_t t = begin; t < end; t += kTile) {
+      const int64_t stop = std::min(t + kTile, end);
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      float p = param[i];
-      float buf = kMomentum ? momentum_buffer[i] : 0.0f;
-      sgd_element(p, grad[i], buf, factor, c);
-      param[i] = p;
-      if constexpr (kMomentum) momentum_buffer[i] = buf;
+      for (int64_t i = t; i < stop; ++i) {
+        float p = param[i];
+        float buf = kMomentum ? momentum_buffer[i] : 0.0f;
+        sgd_element(p, grad[i], buf, factor, c);
+        param[i] = p;
+        if constexpr (kMomentum) momentum_buffer[i] = buf;
+      }
+      if constexpr (kCopy) store_tile(param + t, param_copy + t, stop - t);
     }
     return;
   }
