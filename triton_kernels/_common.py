@@ -78,3 +78,17 @@ def splat(ptr, BLOCK: tl.constexpr):
     accesses).
     """
     return tl.broadcast_to(tl.load(ptr), [BLOCK])
+
+
+@triton.jit
+def block_and_keep(found_inf_ptr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's id and element offsets (int64 first: arenas may pass 2**31 elements), and
+    the write mask of an optimizer step: all false when found_inf is set (a NaN flag skips too,
+    as the reference's `found_inf != 0` does)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    if HAS_FOUND_INF:
+        keep = splat(found_inf_ptr, BLOCK) == 0.0
+    else:
+        keep = tl.full([BLOCK], 1, tl.int1)
+    return pid, offs, keep

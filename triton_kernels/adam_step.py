@@ -21,7 +21,14 @@ import math
 import triton
 import triton.language as tl
 
-from fusedaccum.triton_kernels._common import LAUNCH_OPTIONS, device_guard, f64_bits, from_bits, round_to, splat
+from fusedaccum.triton_kernels._common import (
+    LAUNCH_OPTIONS,
+    block_and_keep,
+    device_guard,
+    f64_bits,
+    from_bits,
+    round_to,
+)
 
 BLOCK = 1024  # elements per program: 4 per thread at 8 warps (see NUM_WARPS)
 # 4 elements per thread is one 128-bit access for fp32 and keeps every tensor in one register
@@ -80,13 +87,7 @@ def _adam_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
                  AMSGRAD: tl.constexpr, HAS_COPY: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                  WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
                  BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # int64 first: arenas may pass 2**31 elements
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    if HAS_FOUND_INF:
-        # A NaN flag skips too, as the reference's `found_inf != 0` does.
-        keep = splat(found_inf_ptr, BLOCK) == 0.0
-    else:
-        keep = tl.full([BLOCK], 1, tl.int1)
+    pid, offs, keep = block_and_keep(found_inf_ptr, HAS_FOUND_INF, BLOCK)
 
     # Step-wide constants, fp64 like torch.optim's Python floats, rounded once to fp32.
     # (fp64 `/` and tl.sqrt are IEEE, div.rn.f64 / sqrt.rn.f64; the _rn forms are fp32 only.)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedaccum.triton_kernels._common import LAUNCH_OPTIONS, device_guard, round_to, splat
+from fusedaccum.triton_kernels._common import LAUNCH_OPTIONS, block_and_keep, device_guard, round_to, splat
 
 BLOCK = 1024  # elements per program: 4 per thread at 8 warps (see adam_step.py for why 4)
 NUM_WARPS = 8
@@ -50,13 +50,7 @@ def _sgd_kernel(param_ptr, grad_ptr, buf_ptr, copy_ptr, step_ptr, factor_ptr, fo
                 MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, HAS_COPY: tl.constexpr,
                 HAS_FOUND_INF: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
                 BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # int64 first: arenas may pass 2**31 elements
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    if HAS_FOUND_INF:
-        # A NaN flag skips too, as the reference's `found_inf != 0` does.
-        keep = splat(found_inf_ptr, BLOCK) == 0.0
-    else:
-        keep = tl.full([BLOCK], 1, tl.int1)
+    pid, offs, keep = block_and_keep(found_inf_ptr, HAS_FOUND_INF, BLOCK)
     first_step = splat(step_ptr, BLOCK) <= 1.0  # the count includes this step
     factor = tl.load(factor_ptr)
 
