@@ -114,6 +114,7 @@ class GradAccumulator:
         self._callback_queued = False
         self._stats_now = False
         self._fold_scale = 1.0
+        self._items = torch.zeros((), dtype=torch.float64, device=self.device)  # items of this window
         self._reset_counts()
         self._grad_norm = None
         self._found_inf = None
@@ -164,7 +165,9 @@ class GradAccumulator:
             self._in_backward = False
             self._flush_all()
         if uses_items:
-            self._items = self._items + num_items
+            # On the device, whatever num_items is: adding a Python number is a kernel with a
+            # scalar argument, so no copy from the host happens (and a window can be captured).
+            self._items.add_(num_items.to(self.device) if torch.is_tensor(num_items) else num_items)
         self._micro_step += 1
 
     def step(self) -> bool:
@@ -203,7 +206,7 @@ class GradAccumulator:
         return {
             "micro_step": self._micro_step,
             "uses_items": self._uses_items,
-            "items": self._items,
+            "items": self._items.clone(),
             "touched": [list(w.touched) for w in self._windows],
             "grads": [w.arena.grad for w in self._windows],
             "loss_scale": None if self._scale is None else (self._scale, self._growth_tracker),
@@ -214,7 +217,7 @@ class GradAccumulator:
             raise ValueError("this accumulator state was saved for a different set of arenas (other model or optimizer)")
         self._micro_step = state["micro_step"]
         self._uses_items = state["uses_items"]
-        self._items = state["items"]
+        self._items.copy_(state["items"])
         with torch.no_grad():
             for w, touched, grad in zip(self._windows, state["touched"], state["grads"]):
                 w.arena.grad.copy_(grad)
@@ -325,7 +328,7 @@ class GradAccumulator:
     def _reset_counts(self) -> None:
         self._micro_step = 0
         self._uses_items = None
-        self._items = 0
+        self._items.zero_()
 
     def _optimizer_step(self) -> None:
         if self.full:
@@ -368,8 +371,7 @@ class GradAccumulator:
             sumsq = sum(self._stats[d][0].to(self.device) for d in devices)
             found_inf = torch.stack([self._stats[d][1].to(self.device) for d in devices]).amax()
             if self._uses_items:
-                items = torch.as_tensor(self._items, dtype=torch.float64).to(self.device)
-                factor = (1.0 / items.clamp_min(1)).float()
+                factor = (1.0 / self._items.clamp_min(1)).float()
             else:
                 factor = torch.ones((), device=self.device)
             if self._scale is not None:

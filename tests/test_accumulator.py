@@ -45,10 +45,13 @@ def standard_loop(model, opt, data, vocab, clip=None):
     return norms
 
 
-def full_path(model, acc, data, vocab):
+def full_path(model, acc, data, vocab, items=False):
     norms = []
     for x, y in data:
-        acc.backward(loss_fn(model, x, y, vocab))
+        if items:
+            acc.backward(loss_fn(model, x, y, vocab, reduction="sum"), num_items=int((y != -100).sum()))
+        else:
+            acc.backward(loss_fn(model, x, y, vocab))
         if acc.step():
             norms.append(acc.grad_norm.clone())
     return norms
@@ -185,17 +188,18 @@ def test_power_of_two_loss_scale_equals_unscaled(device_backend):
 
 
 @pytest.mark.parametrize("k", [1, N - 1])
-def test_resume_mid_window_is_bit_identical(device_backend, k):
+@pytest.mark.parametrize("items", [False, True])
+def test_resume_mid_window_is_bit_identical(device_backend, k, items):
     device, _ = device_backend
-    data = seed_data(device, 100, steps=2 * N)
+    data = seed_data(device, 100, steps=2 * N, pad=items)
     straight = seed_model(device, small=True)
     acc = fa.GradAccumulator(fa.AdamW(straight.parameters(), lr=1e-2), accumulation_steps=N, loss_scale="dynamic")
-    full_path(straight, acc, data, 100)
+    full_path(straight, acc, data, 100, items)
 
     model = seed_model(device, small=True)
     opt = fa.AdamW(model.parameters(), lr=1e-2)
     acc = fa.GradAccumulator(opt, accumulation_steps=N, loss_scale="dynamic")
-    full_path(model, acc, data[: N + k], 100)
+    full_path(model, acc, data[: N + k], 100, items)
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "acc": acc.state_dict()})
 
     resumed = seed_model(device, small=True)
@@ -204,7 +208,7 @@ def test_resume_mid_window_is_bit_identical(device_backend, k):
     opt2.load_state_dict(saved["opt"])
     acc2 = fa.GradAccumulator(opt2, accumulation_steps=N, loss_scale="dynamic")
     acc2.load_state_dict(saved["acc"])
-    full_path(resumed, acc2, data[N + k :], 100)
+    full_path(resumed, acc2, data[N + k :], 100, items)
     assert_same_params(straight, resumed, atol=0)
 
 
