@@ -22,6 +22,7 @@ import weakref
 import torch
 
 from fusedaccum.arena import Arena
+from fusedaccum.ops.accumulate import DENSE_ONLY
 from fusedaccum.optim import FusedOptimizer
 from fusedaccum.reference import add_sum_of_squares
 
@@ -276,11 +277,8 @@ class GradAccumulator:
                 "a parameter managed by a full-path GradAccumulator got a gradient outside acc.backward(): "
                 "call acc.backward(loss) instead of loss.backward() (it applies 1/N itself)"
             )
-        if g.is_sparse:
-            raise RuntimeError(
-                "fusedaccum got a sparse gradient; use nn.Embedding(sparse=False), or keep this parameter on a "
-                "torch.optim optimizer"
-            )
+        if g.layout != torch.strided:
+            raise ValueError(f"a parameter got a {g.layout} gradient; {DENSE_ONLY}")
         if w.visible and g.data_ptr() == w.grad_views[i].data_ptr():
             return  # autograd added this micro-batch into the visible arena view in place
         p.grad = None

@@ -11,10 +11,9 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fusedaccum.arena import Arena, build_arenas
-
-from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 
 # parameter -> weakref to the fusedaccum optimizer whose arena holds its storage
 _OWNER = WeakIdKeyDictionary()
@@ -71,7 +70,7 @@ class FusedOptimizer:
         if self._accumulator is not None:
             self._accumulator._optimizer_step()
         else:
-            touched = [self._gather_grads(a, first=True) for a in self._arenas]
+            touched = [self._gather_grads(a) for a in self._arenas]
             self._fused_step(touched, factor={}, found_inf={})
         return loss
 
@@ -81,23 +80,17 @@ class FusedOptimizer:
         else:
             super().zero_grad(set_to_none)
 
-    def _gather_grads(self, arena: Arena, first: bool, only: list[bool] | None = None) -> list[bool]:
-        """Folds the parameters' .grad into the arena (one accumulate launch per dtype)."""
+    def _gather_grads(self, arena: Arena) -> list[bool]:
+        """Copies the parameters' .grad into the arena (one accumulate launch per grad dtype)."""
         grads, offsets, touched = [], [], [False] * len(arena.params)
         for i, p in enumerate(arena.params):
-            if p.grad is None or (only is not None and not only[i]):
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    "fusedaccum got a sparse gradient; use nn.Embedding(sparse=False) or keep this "
-                    "parameter on a torch.optim optimizer"
-                )
-            grads.append(p.grad)
-            offsets.append(arena.offsets[i])
-            touched[i] = True
+            if p.grad is not None:
+                grads.append(p.grad)
+                offsets.append(arena.offsets[i])
+                touched[i] = True
         if grads:
             grad = arena.ensure_grad(arena.grad.dtype if arena.grad is not None else torch.float32)
-            torch.ops.fusedaccum.accumulate(grad, grads, offsets, 1.0, first, None, None)
+            torch.ops.fusedaccum.accumulate(grad, grads, offsets, 1.0, True, None, None)
         return touched
 
     def _fused_step(self, touched: list[list[bool]], factor: dict, found_inf: dict) -> None:

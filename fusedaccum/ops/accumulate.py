@@ -19,6 +19,11 @@ import torch
 
 from fusedaccum.ops import DTYPES, check_flat, check_float_dtype, check_scalar, define, expect
 
+DENSE_ONLY = (
+    "fusedaccum accumulates dense gradients only: use nn.Embedding(sparse=False), or keep this "
+    "parameter on a torch.optim optimizer"
+)
+
 SCHEMA = (
     "accumulate(Tensor(a!) arena, Tensor[] grads, int[] offsets, float scale, bool first, "
     "Tensor(b!)? sumsq, Tensor(c!)? found_inf) -> ()"
@@ -38,11 +43,7 @@ def check(arena, grads, offsets, scale, first, sumsq, found_inf) -> None:
         and max(map(operator.add, offsets, (g.numel() for g in grads)), default=0) <= arena.numel()
     ):
         for i, (g, off) in enumerate(zip(grads, offsets)):
-            expect(
-                g.layout == torch.strided,
-                f"gradient {i} is {g.layout}; fusedaccum accumulates dense gradients only "
-                f"(use nn.Embedding(sparse=False), or keep this parameter on a torch.optim optimizer)",
-            )
+            expect(g.layout == torch.strided, f"gradient {i} is {g.layout}; {DENSE_ONLY}")
             check_float_dtype(g, f"gradient {i}")
             expect(g.device == arena.device, f"gradient {i} is on {g.device} but its arena is on {arena.device}")
             expect(0 <= off and off + g.numel() <= arena.numel(),
