@@ -324,3 +324,30 @@ def test_dynamic_loss_scale_grows_after_good_windows(device_backend):
         seen.append(acc.loss_scale)
     s = 2.0**16
     assert seen == [s, s, 2 * s, 2 * s, s, s, s, 2 * s]
+
+
+@pytest.mark.parametrize("mode", ["swap", "full"])
+def test_same_dtype_arena(device_backend, mode):
+    """accum_dtype=None: a bf16 arena for bf16 parameters (visible as p.grad in swap-in mode)."""
+    device, _ = device_backend
+    data = seed_data(device, 100, steps=2 * N)
+    ref = seed_model(device, small=True)
+    standard_loop(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), data, 100)
+
+    model = seed_model(device, small=True).to(torch.bfloat16)
+    opt = fa.AdamW(model.parameters(), lr=1e-2)
+    acc = fa.GradAccumulator(opt, accumulation_steps=N if mode == "full" else None, accum_dtype=None)
+    assert all(a.grad.dtype == torch.bfloat16 for a in opt.arenas)
+    for s, (x, y) in enumerate(data):
+        loss = loss_fn(model, x, y, 100).float()
+        if mode == "full":
+            acc.backward(loss)
+            acc.step()
+        else:
+            (loss / N).backward()
+            assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
+            if (s + 1) % N == 0:
+                opt.step()
+                opt.zero_grad()
+    for p, q in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(q.float(), p, rtol=0, atol=0.05)
