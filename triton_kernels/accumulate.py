@@ -131,20 +131,22 @@ def _layout(device: torch.device, numels: tuple, offsets: tuple) -> tuple[torch.
     return work, meta
 
 
-# Pinned tables copied while a CUDA graph was being captured: every replay copies from the same
-# host address again, so those must live as long as the process (one per captured launch).
+# Tables copied while a CUDA graph was being captured: every replay copies from the same host
+# address again, so those must live as long as the process (one per captured launch).
 _CAPTURED_TABLES: list[torch.Tensor] = []
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        # Pinned and non_blocking: no host sync. The caching host allocator keeps the pinned
-        # block until the copy has run, so it is safe to drop `t` right away, except in a graph.
-        pinned = t.pin_memory()
-        if torch.cuda.is_current_stream_capturing():
-            _CAPTURED_TABLES.append(pinned)
-        return pinned.to(device, non_blocking=True)
-    return t
+    if device.type != "cuda":
+        return t
+    if torch.cuda.is_current_stream_capturing():
+        # pin_memory() may query events to recycle blocks, which global-mode capture forbids;
+        # a plain host tensor kept alive forever is what the captured copy node reads.
+        _CAPTURED_TABLES.append(t)
+        return t.to(device, non_blocking=True)
+    # Pinned and non_blocking: no host sync. The caching host allocator keeps the pinned block
+    # until the copy has run, so it is safe to drop it right away.
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def accumulate(arena, grads, offsets, scale, first, sumsq, found_inf) -> None:

@@ -243,16 +243,18 @@ void accumulate_cuda(const at::Tensor& arena, at::TensorList grads, at::IntArray
     }
   }
   const int64_t total_at = words++;
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  // Under graph capture: a plain host tensor, kept for the process's life, because pinning
+  // may query events to recycle blocks, which global-mode capture forbids, and every replay
+  // copies from this address again.
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(!capturing));
   int64_t* h = host.data_ptr<int64_t>();
   std::memcpy(h, rows.data(), rows.size() * sizeof(int64_t));
   std::memcpy(h + chunks_at, chunks.data(), chunks.size() * sizeof(int64_t));
   std::fill(h + zeros_at, h + words, int64_t{0});  // counters 0, total 0.0 (all-zero bits)
   // Pinned + non_blocking: an async copy on the current stream; the caching host allocator
   // keeps `host` from being reused until that copy has run (but not until a graph is gone).
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
-    keep_for_graph_replays(host);
-  }
+  if (capturing) keep_for_graph_replays(host);
   const at::Tensor table = host.to(arena.device(), at::kLong, /*non_blocking=*/true);
   int64_t* d = table.data_ptr<int64_t>();
 
