@@ -49,6 +49,8 @@ class FusedOptimizer:
                     "belong to one fusedaccum optimizer (its storage lives in that optimizer's arena)"
                 )
         arenas = build_arenas([group], self.master_weights, start=len(self.param_groups) - 1)
+        for arena in arenas:
+            _one(arena.device)  # made now, eagerly: made inside a CUDA graph capture it would hold garbage
         for p in group["params"]:
             _OWNER[p] = weakref.ref(self)
         self._arenas += arenas
