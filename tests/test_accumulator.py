@@ -252,32 +252,6 @@ def test_parameter_without_gradient_is_left_alone(device_backend):
 
 
 @pytest.mark.parametrize("mode", ["swap", "full"])
-def test_bf16_params_accumulate_in_fp32(device_backend, mode):
-    """bf16 parameters with an fp32 arena and master weights follow the fp32 run closely."""
-    device, _ = device_backend
-    data = seed_data(device, 100, steps=2 * N)
-    ref = seed_model(device, small=True)
-    standard_loop(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), data, 100)
-
-    model = seed_model(device, small=True).to(torch.bfloat16)
-    opt = fa.AdamW(model.parameters(), lr=1e-2, master_weights=True)
-    acc = fa.GradAccumulator(opt, accumulation_steps=N if mode == "full" else None)
-    for s, (x, y) in enumerate(data):
-        loss = loss_fn(model, x, y, 100).float()
-        if mode == "full":
-            acc.backward(loss)
-            acc.step()
-        else:
-            (loss / N).backward()
-            assert all(p.grad is None for p in model.parameters()), "bf16 p.grad cannot show the fp32 arena"
-            if (s + 1) % N == 0:
-                opt.step()
-                opt.zero_grad()
-    for p, q in zip(ref.parameters(), model.parameters()):
-        torch.testing.assert_close(q.float(), p, rtol=0, atol=0.05)
-
-
-@pytest.mark.parametrize("mode", ["swap", "full"])
 def test_frozen_then_unfrozen_parameter(device_backend, mode):
     """requires_grad=False parameters are left alone as torch.optim does, and join in when unfrozen."""
     device, _ = device_backend
@@ -327,17 +301,22 @@ def test_dynamic_loss_scale_grows_after_good_windows(device_backend):
 
 
 @pytest.mark.parametrize("mode", ["swap", "full"])
-def test_same_dtype_arena(device_backend, mode):
-    """accum_dtype=None: a bf16 arena for bf16 parameters (visible as p.grad in swap-in mode)."""
+@pytest.mark.parametrize("arena", ["fp32+master", "bf16"])
+def test_bf16_parameters(device_backend, mode, arena):
+    """bf16 parameters follow the fp32 run closely, with an fp32 arena and master weights (p.grad
+    cannot show the fp32 arena: None in swap-in mode) or with a bf16 arena (accum_dtype=None:
+    p.grad is the arena view)."""
     device, _ = device_backend
     data = seed_data(device, 100, steps=2 * N)
     ref = seed_model(device, small=True)
     standard_loop(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), data, 100)
 
+    fp32 = arena == "fp32+master"
     model = seed_model(device, small=True).to(torch.bfloat16)
-    opt = fa.AdamW(model.parameters(), lr=1e-2)
-    acc = fa.GradAccumulator(opt, accumulation_steps=N if mode == "full" else None, accum_dtype=None)
-    assert all(a.grad.dtype == torch.bfloat16 for a in opt.arenas)
+    opt = fa.AdamW(model.parameters(), lr=1e-2, master_weights=fp32)
+    acc = fa.GradAccumulator(opt, accumulation_steps=N if mode == "full" else None,
+                             accum_dtype=torch.float32 if fp32 else None)
+    assert all(a.grad.dtype == (torch.float32 if fp32 else torch.bfloat16) for a in opt.arenas)
     for s, (x, y) in enumerate(data):
         loss = loss_fn(model, x, y, 100).float()
         if mode == "full":
@@ -345,7 +324,10 @@ def test_same_dtype_arena(device_backend, mode):
             acc.step()
         else:
             (loss / N).backward()
-            assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
+            if fp32:
+                assert all(p.grad is None for p in model.parameters())
+            else:
+                assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
             if (s + 1) % N == 0:
                 opt.step()
                 opt.zero_grad()
