@@ -240,7 +240,8 @@ class GradAccumulator:
             w = _Window(arena, visible, self.bucket_numel)
             self._windows.append(w)
             if arena.device not in self._stats:  # (sum of squares, non-finite flag) of the last fold
-                self._stats[arena.device] = tuple(torch.zeros((), dtype=torch.float32, device=arena.device) for _ in "sf")
+                sumsq = torch.zeros((), dtype=torch.float32, device=arena.device)
+                self._stats[arena.device] = (sumsq, torch.zeros_like(sumsq))
             for i in range(len(arena.params)):
                 self._hook(w, i)
 
@@ -294,10 +295,10 @@ class GradAccumulator:
         items, w.pending[b] = w.pending[b], []
         # A visible view that autograd did not add into was reset (p.grad = None) or replaced
         # by an out-of-place sum: either way the new gradient is the whole value, so overwrite.
-        fresh = [(i, g) for i, g in items if w.visible or not w.touched[i]]
-        more = [(i, g) for i, g in items if not (w.visible or not w.touched[i])]
-        self._fold(w, fresh, first=True)
-        self._fold(w, more, first=False)
+        adds = [(i, g) for i, g in items if w.touched[i] and not w.visible]
+        overwrites = [(i, g) for i, g in items if not w.touched[i] or w.visible]
+        self._fold(w, overwrites, first=True)
+        self._fold(w, adds, first=False)
 
     def _fold(self, w: _Window, items: list[tuple[int, torch.Tensor]], first: bool) -> None:
         if not items:
