@@ -112,6 +112,7 @@ class GradAccumulator:
         self._handles = []
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._in_backward = False
+        self._closing = False  # acc.step() is running optimizer.step()
         self._callback_queued = False
         self._stats_now = False
         self._fold_scale = 1.0
@@ -179,7 +180,12 @@ class GradAccumulator:
             raise RuntimeError("acc.step() with no acc.backward() in this window: call acc.backward(loss) first")
         if self._micro_step < self.accumulation_steps:
             return False
-        self._close_window()
+        # Through optimizer.step(), so that its hooks run and LR schedulers see the step.
+        self._closing = True
+        try:
+            self.optimizer.step()
+        finally:
+            self._closing = False
         return True
 
     @property
@@ -330,6 +336,9 @@ class GradAccumulator:
         self._items.zero_()
 
     def _optimizer_step(self) -> None:
+        if self.full and self._closing:
+            self._close_window()
+            return
         if self.full:
             raise RuntimeError(
                 "this optimizer's GradAccumulator owns the window (accumulation_steps was given): call acc.step() "

@@ -333,3 +333,24 @@ def test_bf16_parameters(device_backend, mode, arena):
                 opt.zero_grad()
     for p, q in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(q.float(), p, rtol=0, atol=0.05)
+
+
+def test_full_path_steps_go_through_optimizer_step():
+    """acc.step() runs optimizer.step(): its hooks fire and LR schedulers see the step (no
+    "lr_scheduler.step() before optimizer.step()" warning)."""
+    import warnings
+
+    model = seed_model("cpu", small=True)
+    opt = fa.AdamW(model.parameters(), lr=1e-2)
+    acc = fa.GradAccumulator(opt, accumulation_steps=2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    calls = []
+    opt.register_step_post_hook(lambda *_: calls.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in seed_data("cpu", 100, steps=4):
+            acc.backward(loss_fn(model, x, y, 100))
+            if acc.step():
+                sched.step()
+    assert len(calls) == 2
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 4)
