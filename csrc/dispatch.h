@@ -3,7 +3,11 @@
 // message before any kernel runs, the TORCH_CHECKs here only guard memory safety.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+
+#include <initializer_list>
+#include <optional>
 
 #define FUSEDACCUM_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                    \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                           \
@@ -12,6 +16,40 @@
                      AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__))
 
 namespace fusedaccum {
+
+inline const at::Tensor* opt_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
+inline void check_like_param(const char* op, const char* what, const at::Tensor& t, const at::Tensor& param) {
+  TORCH_CHECK(t.is_contiguous() && t.numel() == param.numel() && t.device() == param.device(), op, ": ", what,
+              " must be contiguous, of the parameter's size and on its device");
+}
+
+// The memory-safety checks of an optimizer step kernel, CPU or CUDA: every array (state arrays
+// and the copy may be null) flat like the parameter, state in the parameter's dtype, a copy
+// only as the bf16/fp16 copy of an fp32 master, and the scalars (null: absent) one-element
+// float32 tensors on the parameter's device, since the kernels read them as float.
+inline void check_step_tensors(const char* op, const at::Tensor& param, const at::Tensor& grad,
+                               std::initializer_list<const at::Tensor*> state, const at::Tensor* param_copy,
+                               std::initializer_list<const at::Tensor*> scalars) {
+  check_like_param(op, "param", param, param);
+  check_like_param(op, "grad", grad, param);
+  for (const at::Tensor* t : state) {
+    if (t == nullptr) continue;
+    check_like_param(op, "optimizer state", *t, param);
+    TORCH_CHECK(t->scalar_type() == param.scalar_type(), op, ": optimizer state must have the parameter's dtype");
+  }
+  if (param_copy != nullptr) {
+    check_like_param(op, "param_copy", *param_copy, param);
+    TORCH_CHECK(param.scalar_type() == at::kFloat &&
+                    (param_copy->scalar_type() == at::kBFloat16 || param_copy->scalar_type() == at::kHalf),
+                op, ": param_copy is the bf16/fp16 copy of an fp32 master parameter");
+  }
+  for (const at::Tensor* t : scalars) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == param.device(), op,
+                ": step, factor and found_inf must be one-element float32 tensors on the parameter's device");
+  }
+}
 
 // Reads a one-element float tensor that lives on the CPU (step count, factor, flag).
 inline float read_cpu_scalar(const at::Tensor& t) {

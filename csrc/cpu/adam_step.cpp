@@ -85,19 +85,9 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
                    double lr, double beta1, double beta2, double eps, double weight_decay,
                    bool decoupled_weight_decay, bool maximize) {
   const int64_t n = param.numel();
-  for (const at::Tensor* t : {&param, &grad, &exp_avg, &exp_avg_sq}) {
-    TORCH_CHECK(t->is_contiguous() && t->numel() == n, "adam_step: tensors must be contiguous and of one size");
-  }
-  TORCH_CHECK(exp_avg.scalar_type() == param.scalar_type() && exp_avg_sq.scalar_type() == param.scalar_type(),
-              "adam_step: optimizer state must have the parameter's dtype");
+  check_step_tensors("adam_step", param, grad, {&exp_avg, &exp_avg_sq, opt_ptr(max_exp_avg_sq)},
+                     opt_ptr(param_copy), {&step, &factor, opt_ptr(found_inf)});
   const bool amsgrad = max_exp_avg_sq.has_value();
-  if (amsgrad) {
-    TORCH_CHECK(max_exp_avg_sq->is_contiguous() && max_exp_avg_sq->numel() == n &&
-                max_exp_avg_sq->scalar_type() == param.scalar_type(), "adam_step: bad max_exp_avg_sq");
-  }
-  if (param_copy.has_value()) {
-    TORCH_CHECK(param_copy->is_contiguous() && param_copy->numel() == n, "adam_step: bad param_copy");
-  }
   if (found_inf.has_value() && read_cpu_scalar(*found_inf) != 0.0f) return;
 
   const AdamConstants c = adam_constants(read_cpu_scalar(step), lr, beta1, beta2, eps, weight_decay,

@@ -74,16 +74,9 @@ void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad,
                   double momentum, double dampening, double weight_decay, bool nesterov,
                   bool maximize) {
   const int64_t n = param.numel();
-  TORCH_CHECK(param.is_contiguous() && grad.is_contiguous() && grad.numel() == n,
-              "sgd_step: param and grad must be contiguous and of one size");
+  check_step_tensors("sgd_step", param, grad, {opt_ptr(momentum_buffer)}, opt_ptr(param_copy),
+                     {&step, &factor, opt_ptr(found_inf)});
   TORCH_CHECK(momentum == 0.0 || momentum_buffer.has_value(), "sgd_step: momentum needs a buffer");
-  if (momentum_buffer.has_value()) {
-    TORCH_CHECK(momentum_buffer->is_contiguous() && momentum_buffer->numel() == n &&
-                momentum_buffer->scalar_type() == param.scalar_type(), "sgd_step: bad momentum_buffer");
-  }
-  if (param_copy.has_value()) {
-    TORCH_CHECK(param_copy->is_contiguous() && param_copy->numel() == n, "sgd_step: bad param_copy");
-  }
   if (found_inf.has_value() && read_cpu_scalar(*found_inf) != 0.0f) return;
 
   const SgdConstants c = sgd_constants(read_cpu_scalar(step), lr, momentum, dampening,

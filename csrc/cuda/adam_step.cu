@@ -129,30 +129,9 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
                     bool decoupled_weight_decay, bool maximize) {
   TORCH_CHECK(param.is_cuda(), "adam_step: param must be a CUDA tensor");
   const int64_t n = param.numel();
-  for (const at::Tensor* t : {&param, &grad, &exp_avg, &exp_avg_sq}) {
-    TORCH_CHECK(t->is_contiguous() && t->numel() == n && t->device() == param.device(),
-                "adam_step: tensors must be contiguous, of one size and on one device");
-  }
-  TORCH_CHECK(exp_avg.scalar_type() == param.scalar_type() && exp_avg_sq.scalar_type() == param.scalar_type(),
-              "adam_step: optimizer state must have the parameter's dtype");
+  check_step_tensors("adam_step", param, grad, {&exp_avg, &exp_avg_sq, opt_ptr(max_exp_avg_sq)},
+                     opt_ptr(param_copy), {&step, &factor, opt_ptr(found_inf)});
   const bool amsgrad = max_exp_avg_sq.has_value();
-  if (amsgrad) {
-    TORCH_CHECK(max_exp_avg_sq->is_contiguous() && max_exp_avg_sq->numel() == n &&
-                max_exp_avg_sq->scalar_type() == param.scalar_type() &&
-                max_exp_avg_sq->device() == param.device(), "adam_step: bad max_exp_avg_sq");
-  }
-  if (param_copy.has_value()) {
-    TORCH_CHECK(param_copy->is_contiguous() && param_copy->numel() == n && param_copy->device() == param.device(),
-                "adam_step: bad param_copy");
-    TORCH_CHECK(param.scalar_type() == at::kFloat &&
-                (param_copy->scalar_type() == at::kBFloat16 || param_copy->scalar_type() == at::kHalf),
-                "adam_step: param_copy is the bf16/fp16 copy of an fp32 master parameter");
-  }
-  for (const at::Tensor* t : {&step, &factor, found_inf.has_value() ? &*found_inf : nullptr}) {
-    if (t == nullptr) continue;
-    TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == param.device(),
-                "adam_step: step, factor and found_inf must be one-element float32 tensors on the param's device");
-  }
   if (n == 0) return;
   c10::cuda::CUDAGuard guard(param.device());
 

@@ -101,24 +101,20 @@ __device__ __forceinline__ void unpack_vec(const uint4& u, int a, float (&out)[N
   unpack_word<T>(u.w, out + (4 * a + 3) * kPerWord);
 }
 
-template <int N, typename T>
+template <int N, typename T, bool kReadOnly = false>
 __device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {
   static_assert(sizeof(T) == 4 || sizeof(T) == 2, "float, bf16 or half");
   static_assert(N * sizeof(T) % 16 == 0, "a vector is a whole number of 16-byte accesses");
+  const uint4* q = reinterpret_cast<const uint4*>(p);
 #pragma unroll
   for (int a = 0; a < N * static_cast<int>(sizeof(T)) / 16; ++a) {
-    unpack_vec<N, T>(__ldcg(reinterpret_cast<const uint4*>(p) + a), a, out);
+    unpack_vec<N, T>(kReadOnly ? __ldg(q + a) : __ldcg(q + a), a, out);
   }
 }
 
 template <int N, typename T>
 __device__ __forceinline__ void load_vec_ro(const T* p, float (&out)[N]) {
-  static_assert(sizeof(T) == 4 || sizeof(T) == 2, "float, bf16 or half");
-  static_assert(N * sizeof(T) % 16 == 0, "a vector is a whole number of 16-byte accesses");
-#pragma unroll
-  for (int a = 0; a < N * static_cast<int>(sizeof(T)) / 16; ++a) {
-    unpack_vec<N, T>(__ldg(reinterpret_cast<const uint4*>(p) + a), a, out);
-  }
+  load_vec<N, T, true>(p, out);
 }
 
 template <int N, typename T>

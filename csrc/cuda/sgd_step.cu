@@ -114,26 +114,9 @@ void sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad,
                    bool maximize) {
   TORCH_CHECK(param.is_cuda(), "sgd_step: param must be a CUDA tensor");
   const int64_t n = param.numel();
-  TORCH_CHECK(param.is_contiguous() && grad.is_contiguous() && grad.numel() == n && grad.device() == param.device(),
-              "sgd_step: param and grad must be contiguous, of one size and on one device");
+  check_step_tensors("sgd_step", param, grad, {opt_ptr(momentum_buffer)}, opt_ptr(param_copy),
+                     {&step, &factor, opt_ptr(found_inf)});
   TORCH_CHECK(momentum == 0.0 || momentum_buffer.has_value(), "sgd_step: momentum needs a buffer");
-  if (momentum_buffer.has_value()) {
-    TORCH_CHECK(momentum_buffer->is_contiguous() && momentum_buffer->numel() == n &&
-                momentum_buffer->scalar_type() == param.scalar_type() &&
-                momentum_buffer->device() == param.device(), "sgd_step: bad momentum_buffer");
-  }
-  if (param_copy.has_value()) {
-    TORCH_CHECK(param_copy->is_contiguous() && param_copy->numel() == n && param_copy->device() == param.device(),
-                "sgd_step: bad param_copy");
-    TORCH_CHECK(param.scalar_type() == at::kFloat &&
-                (param_copy->scalar_type() == at::kBFloat16 || param_copy->scalar_type() == at::kHalf),
-                "sgd_step: param_copy is the bf16/fp16 copy of an fp32 master parameter");
-  }
-  for (const at::Tensor* t : {&step, &factor, found_inf.has_value() ? &*found_inf : nullptr}) {
-    if (t == nullptr) continue;
-    TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == param.device(),
-                "sgd_step: step, factor and found_inf must be one-element float32 tensors on the param's device");
-  }
   if (n == 0) return;
   c10::cuda::CUDAGuard guard(param.device());
 
