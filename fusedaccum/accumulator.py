@@ -4,19 +4,25 @@ optimizer's flat arenas with the accumulate op.
 Two ways in:
 
 * swap-in (no accumulation_steps): the user's loop stays `(loss / N).backward()`,
-  `opt.step()`, `opt.zero_grad()`. Where the arena dtype equals the parameter dtype, p.grad is
-  a view of the arena after each backward, so code that reads or clips p.grad keeps working.
+  `opt.step()`, `opt.zero_grad()`. Where the arena dtype equals the parameter dtype the
+  accumulator stays out of the way: p.grad is torch's own, and the step reads it. Where they
+  differ (bf16/fp16 parameters, fp32 arena) the gradients are hidden: at the end of each
+  backward p.grad is folded into the fp32 arena and set to None; a window ends at
+  optimizer.step().
 * full path (accumulation_steps=N): `acc.backward(loss)` applies 1/N (or 1/items) inside the
   kernel, `acc.step()` closes the window with the clip coefficient, the inverse loss scale
-  and skip-on-inf folded into the one fused step.
+  and skip-on-inf folded into the one fused step. Gradients are taken as they are produced
+  (bucketed, one launch per bucket) and their memory released at once.
 
 Per window, a parameter's first fold overwrites its slice of the arena, so nothing is zeroed.
-Small parameters are bucketed: a bucket is folded in one launch once all its gradients are in
-(or at the end of the backward pass), and the transient gradients are released.
 """
 from __future__ import annotations
 
 import functools
+import numbers
+import operator
+import sys
+import warnings
 import weakref
 
 import torch
@@ -27,6 +33,7 @@ from fusedaccum.optim import FusedOptimizer
 from fusedaccum.reference import add_sum_of_squares
 
 DEFAULT_BUCKET_NUMEL = 1 << 24  # elements per launch of folding; a larger parameter is its own bucket
+ACCUM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _call_if_alive(accumulator: weakref.ref, window: int, i: int, p: torch.Tensor) -> None:
@@ -39,13 +46,28 @@ def _call_if_alive(accumulator: weakref.ref, window: int, i: int, p: torch.Tenso
         acc._on_grad(acc._windows[window], i, p)
 
 
-class _Window:
-    """The accumulator's per-arena window state."""
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
-    def __init__(self, arena: Arena, visible: bool, bucket_numel: int):
+
+def _queue_callback(fn) -> None:
+    if "torch._dynamo.compiled_autograd" in sys.modules and sys.modules["torch._dynamo.compiled_autograd"].in_compiled_autograd_region:
+        raise RuntimeError(
+            "fusedaccum's GradAccumulator does not run under compiled autograd (torch._dynamo.compiled_autograd): "
+            "it needs the eager engine's end-of-backward callback. Run backward without compiled autograd, or use the "
+            "fusedaccum optimizer without a GradAccumulator (its step reads p.grad)."
+        )
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+class _Window:
+    """The accumulator's per-arena window state (arenas whose gradients it takes over)."""
+
+    def __init__(self, arena: Arena, bucket_numel: int):
         n = len(arena.params)
         self.arena = arena
-        self.visible = visible  # p.grad shows the arena view between backward and step
         self.grad_views = arena.views(arena.grad)
         self.touched = [False] * n  # received a gradient in this window
         self.touched_last = [False] * n  # ... in the last micro-batch (its fold computed the norm)
@@ -57,7 +79,14 @@ class _Window:
                 size = 0
             self.bucket_of.append(len(self.bucket_size) - 1)
             size += numel
-        self.pending: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.bucket_size]
+        self.pending: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.bucket_size]  # full path
+        self.deferred: list[int] = []  # swap-in: parameters whose p.grad is folded at the end of backward
+
+    def restart(self) -> None:
+        n = len(self.touched)
+        self.touched, self.touched_last = [False] * n, [False] * n
+        self.pending = [[] for _ in self.bucket_size]
+        self.deferred = []
 
 
 class GradAccumulator:
@@ -79,42 +108,56 @@ class GradAccumulator:
                 f"GradAccumulator needs a fusedaccum optimizer (fa.SGD, fa.Adam, fa.AdamW); got "
                 f"{type(optimizer).__name__}. Build the optimizer with fusedaccum: it owns the arenas."
             )
-        if optimizer._accumulator is not None:
-            raise ValueError("this optimizer already has a GradAccumulator; attach one accumulator per optimizer")
+        optimizer._check_current()
         self.full = accumulation_steps is not None
-        if self.full and (not isinstance(accumulation_steps, int) or accumulation_steps < 1):
-            raise ValueError(f"accumulation_steps must be a positive int; got {accumulation_steps!r}")
-        if not self.full and (max_grad_norm is not None or loss_scale is not None):
+        if self.full:
+            accumulation_steps = _positive_int(accumulation_steps, "accumulation_steps")
+        if max_grad_norm is not None and not (_is_number(max_grad_norm) and 0 < max_grad_norm < float("inf")):
+            raise ValueError(f"max_grad_norm must be a positive finite number; got {max_grad_norm!r}")
+        if loss_scale is not None and not self.full:
             raise ValueError(
-                "max_grad_norm and loss_scale belong to the full path: pass accumulation_steps=N and drive the "
-                "loop with acc.backward(loss) and acc.step() (in swap-in mode clip p.grad yourself)"
+                "loss_scale belongs to the full path: pass accumulation_steps=N and drive the loop with "
+                "acc.backward(loss) and acc.step() (in swap-in mode use torch.amp.GradScaler as usual)"
             )
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive; got {max_grad_norm}")
+        if accum_dtype is not None and accum_dtype not in ACCUM_DTYPES:
+            raise ValueError(f"accum_dtype must be torch.float32, torch.bfloat16, torch.float16 or None; got {accum_dtype}")
+        self._bucket_numel = _positive_int(bucket_numel, "bucket_numel")
+        if self.full and not any(p.requires_grad for a in optimizer.arenas for p in a.params):
+            raise ValueError("the optimizer has no parameter that requires grad: nothing to accumulate")
+        if optimizer._accumulator is not None:
+            optimizer._accumulator._detach()  # a new accumulator replaces the old one
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.accum_dtype = accum_dtype
-        self.bucket_numel = bucket_numel
         self.device = optimizer.arenas[0].device if optimizer.arenas else torch.device("cpu")
+        # Under torch.distributed, swap-in keeps every p.grad visible: DDP reads and rewrites
+        # p.grad at the end of backward (and only on synced micro-batches), so hiding it would
+        # reduce the wrong gradient. The native data-parallel path is the full path's.
+        self._distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
 
         self._dynamic = loss_scale == "dynamic"
         self._scale = None
         if loss_scale is not None:
-            if not self._dynamic and not (isinstance(loss_scale, (int, float)) and loss_scale > 0):
-                raise ValueError(f'loss_scale must be "dynamic" or a positive number; got {loss_scale!r}')
+            if not self._dynamic and not (_is_number(loss_scale) and 0 < loss_scale < float("inf")):
+                raise ValueError(f'loss_scale must be "dynamic" or a positive finite number; got {loss_scale!r}')
             init = 2.0**16 if self._dynamic else float(loss_scale)
             self._scale = torch.full((), init, dtype=torch.float32, device=self.device)
             self._growth_tracker = torch.zeros((), dtype=torch.int32, device=self.device)
             self._growth = (growth_factor, backoff_factor, growth_interval)
 
         self._windows: list[_Window] = []
-        self._handles = []
+        self._window_of: dict[int, _Window] = {}  # id(arena) -> its window
+        self._handles: list = []
+        # Hooks off the parameters when this accumulator is dropped (garbage-collected).
+        weakref.finalize(self, _remove_hooks, self._handles)
+        self._detached = False
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._in_backward = False
         self._closing = False  # acc.step() is running optimizer.step()
         self._callback_queued = False
         self._stats_now = False
+        self._warned_hidden = False
         self._fold_scale = 1.0
         self._items = torch.zeros((), dtype=torch.float64, device=self.device)  # items of this window
         self._reset_counts()
@@ -132,6 +175,7 @@ class GradAccumulator:
         loss is a sum over num_items items (tokens) and the window ends as the exact mean over
         all items of the window.
         """
+        self._check_attached()
         if not self.full:
             raise RuntimeError(
                 "acc.backward() is the full path: create GradAccumulator(opt, accumulation_steps=N). "
@@ -144,6 +188,8 @@ class GradAccumulator:
                 f"after every acc.backward() (it closes the window and returns True on the last one)"
             )
         uses_items = num_items is not None
+        if uses_items:
+            num_items = _check_items(num_items)
         if self._micro_step == 0:
             self._uses_items = uses_items
         elif uses_items != self._uses_items:
@@ -174,6 +220,7 @@ class GradAccumulator:
 
     def step(self) -> bool:
         """Closes the window after its last micro-batch (returns True); otherwise returns False."""
+        self._check_attached()
         if not self.full:
             raise RuntimeError("acc.step() is the full path (accumulation_steps=N); in swap-in mode call optimizer.step()")
         if self._micro_step == 0:
@@ -187,6 +234,21 @@ class GradAccumulator:
         finally:
             self._closing = False
         return True
+
+    def zero_grad(self) -> None:
+        """Discards the current window: what was accumulated since the last step is dropped and
+        the next micro-batch starts a new window (e.g. after an exception inside acc.backward())."""
+        self._check_attached()
+        for w in self._windows:
+            for i in w.deferred:
+                w.arena.params[i].grad = None
+            w.restart()
+        self._reset_counts()
+        self._callback_queued = False
+        if self.full:
+            self._clear_grads()
+        else:
+            self.optimizer.zero_grad()
 
     @property
     def sync_gradients(self) -> bool:
@@ -220,6 +282,7 @@ class GradAccumulator:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        self._check_attached()
         if len(state["grads"]) != len(self._windows):
             raise ValueError("this accumulator state was saved for a different set of arenas (other model or optimizer)")
         self._micro_step = state["micro_step"]
@@ -227,12 +290,9 @@ class GradAccumulator:
         self._items.copy_(state["items"])
         with torch.no_grad():
             for w, touched, grad in zip(self._windows, state["touched"], state["grads"]):
+                w.restart()
                 w.arena.grad.copy_(grad)
                 w.touched = list(touched)
-                w.touched_last = [False] * len(touched)
-                for i, p in enumerate(w.arena.params):
-                    if w.visible:
-                        p.grad = w.grad_views[i] if touched[i] else None
         if state["loss_scale"] is not None and self._scale is not None:
             self._scale.copy_(state["loss_scale"][0])
             self._growth_tracker.copy_(state["loss_scale"][1])
@@ -241,10 +301,13 @@ class GradAccumulator:
 
     def _attach_arenas(self, arenas: list[Arena]) -> None:
         for arena in arenas:
-            arena.ensure_grad(self.accum_dtype or arena.dtype)
-            visible = not self.full and arena.grad.dtype == arena.dtype
-            w = _Window(arena, visible, self.bucket_numel)
+            dtype = arena.dtype if self.accum_dtype is None or (self._distributed and not self.full) else self.accum_dtype
+            arena.ensure_grad(dtype)
+            if not self.full and arena.grad.dtype == arena.dtype:
+                continue  # swap-in with visible gradients: p.grad is torch's, the step reads it
+            w = _Window(arena, self._bucket_numel)
             self._windows.append(w)
+            self._window_of[id(arena)] = w
             if arena.device not in self._stats:  # (sum of squares, non-finite flag) of the last fold
                 sumsq = torch.zeros((), dtype=torch.float32, device=arena.device)
                 self._stats[arena.device] = (sumsq, torch.zeros_like(sumsq))
@@ -263,15 +326,23 @@ class GradAccumulator:
     def _adopt_new_params(self) -> None:
         """Hooks parameters that started requiring grad after the accumulator was created."""
         for w in self._windows:
-            if all(w.hooked):
-                continue
-            for i, p in enumerate(w.arena.params):
-                if not w.hooked[i] and p.requires_grad:
-                    if p.grad is not None:  # produced before it was hooked (swap-in): fold it now
-                        self._fold(w, [(i, p.grad)], first=True)
-                        if not w.visible:
-                            p.grad = None
+            if not all(w.hooked):
+                for i in range(len(w.hooked)):
                     self._hook(w, i)
+
+    def _detach(self) -> None:
+        """Takes this accumulator's hooks off the parameters; it can no longer be used."""
+        _remove_hooks(self._handles)
+        self._detached = True
+        if self.optimizer._accumulator is self:
+            self.optimizer._accumulator = None
+
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise RuntimeError(
+                "this GradAccumulator was replaced (a newer GradAccumulator or a newer fusedaccum optimizer took over "
+                "its parameters): use the newer one"
+            )
 
     # -- folding ---------------------------------------------------------------------------
 
@@ -279,50 +350,94 @@ class GradAccumulator:
         g = p.grad
         if g is None:
             return
-        if self.full and not self._in_backward:
+        w.arena.check_param(i)  # a model converted after the optimizer was built, named as such
+        if g.layout != torch.strided:
+            raise ValueError(f"a parameter got a {g.layout} gradient; {DENSE_ONLY}")
+        if not self.full:
+            # Folded at the very end of backward, once whatever else reads p.grad there has run.
+            w.deferred.append(i)
+            self._queue_end_of_backward()
+            return
+        if not self._in_backward:
             raise RuntimeError(
                 "a parameter managed by a full-path GradAccumulator got a gradient outside acc.backward(): "
                 "call acc.backward(loss) instead of loss.backward() (it applies 1/N itself)"
             )
-        if g.layout != torch.strided:
-            raise ValueError(f"a parameter got a {g.layout} gradient; {DENSE_ONLY}")
-        if w.visible and g.data_ptr() == w.grad_views[i].data_ptr():
-            return  # autograd added this micro-batch into the visible arena view in place
         p.grad = None
         b = w.bucket_of[i]
         w.pending[b].append((i, g))
-        if not self._callback_queued:
-            self._callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._flush_all)
+        self._queue_end_of_backward()
         if len(w.pending[b]) == w.bucket_size[b]:
             self._flush(w, b)
 
+    def _queue_end_of_backward(self) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            # Queued again from inside: runs after every callback queued during this backward
+            # (DistributedDataParallel's finalize_backward among them).
+            _queue_callback(lambda: _queue_callback(self._end_of_backward))
+
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        self._flush_all()
+        with torch.no_grad():
+            for w in self._windows:
+                if self.full:
+                    self._check_untouched_grads(w)
+                    continue
+                params = w.arena.params
+                items = [(i, params[i].grad) for i in dict.fromkeys(w.deferred) if params[i].grad is not None]
+                w.deferred = []
+                self._fold(w, items)
+                for i, _ in items:
+                    params[i].grad = None
+
+    def _check_untouched_grads(self, w: _Window) -> None:
+        for p in w.arena.params:
+            if p.grad is not None:
+                raise RuntimeError(
+                    "p.grad was written after a full-path GradAccumulator took the gradient (DistributedDataParallel "
+                    "does this when it all-reduces). The full path does not run under a DDP-wrapped model: use swap-in "
+                    "mode there (GradAccumulator(opt), loss.backward(), opt.step()), or wait for the native data-parallel "
+                    "path (GradAccumulator(..., process_group=...)) on the unwrapped model."
+                )
+
     def _flush(self, w: _Window, b: int) -> None:
         items, w.pending[b] = w.pending[b], []
-        # A visible view that autograd did not add into was reset (p.grad = None) or replaced
-        # by an out-of-place sum: either way the new gradient is the whole value, so overwrite.
-        adds = [(i, g) for i, g in items if w.touched[i] and not w.visible]
-        overwrites = [(i, g) for i, g in items if not w.touched[i] or w.visible]
-        self._fold(w, overwrites, first=True)
-        self._fold(w, adds, first=False)
+        # A parameter can contribute several times in one backward (a layer shared across
+        # reentrant checkpoints): each later contribution is its own fold, never a second
+        # write to the same slice within one launch.
+        while items:
+            seen, now, later = set(), [], []
+            for i, g in items:
+                (later if i in seen else now).append((i, g))
+                seen.add(i)
+            self._fold(w, now)
+            items = later
 
-    def _fold(self, w: _Window, items: list[tuple[int, torch.Tensor]], first: bool) -> None:
+    def _fold(self, w: _Window, items: list[tuple[int, torch.Tensor]]) -> None:
+        """First contribution of the window overwrites its slice, the others add."""
         if not items:
             return
         sumsq, found_inf = self._stats[w.arena.device] if self._stats_now else (None, None)
-        offsets = [w.arena.offsets[i] for i, _ in items]
+        if sumsq is not None:
+            for i, _ in items:
+                if w.touched_last[i]:  # folded before in this micro-batch: its old square leaves the sum
+                    sumsq.sub_(w.grad_views[i].double().square().sum().float())
+        overwrites = [(i, g) for i, g in items if not w.touched[i]]
+        adds = [(i, g) for i, g in items if w.touched[i]]
         with torch.no_grad():
-            torch.ops.fusedaccum.accumulate(
-                w.arena.grad, [g for _, g in items], offsets, self._fold_scale, first, sumsq, found_inf
-            )
+            for first, part in ((True, overwrites), (False, adds)):
+                if part:
+                    torch.ops.fusedaccum.accumulate(
+                        w.arena.grad, [g for _, g in part], [w.arena.offsets[i] for i, _ in part],
+                        self._fold_scale, first, sumsq, found_inf,
+                    )
         for i, _ in items:
             w.touched[i] = True
             w.touched_last[i] = self._stats_now
-            if w.visible:
-                w.arena.params[i].grad = w.grad_views[i]
 
     def _flush_all(self) -> None:
-        self._callback_queued = False
         for w in self._windows:
             for b, pending in enumerate(w.pending):
                 if pending:
@@ -335,7 +450,26 @@ class GradAccumulator:
         self._uses_items = None
         self._items.zero_()
 
+    def _clear_grads(self) -> None:
+        for w in self._windows:
+            for p in w.arena.params:
+                p.grad = None
+
+    def _collect(self, arena: Arena) -> list[bool]:
+        """The optimizer's _reconcile asks which parameters of `arena` step, and with what gradient."""
+        w = self._window_of.get(id(arena))
+        if w is None:
+            return self.optimizer._gather_grads(arena)  # visible gradients: p.grad is the truth
+        if self.full:
+            self._check_untouched_grads(w)
+            return list(w.touched)
+        # Hidden: a p.grad set by hand after the last backward joins the window (and stays, as in torch).
+        items = [(i, p.grad) for i, p in enumerate(arena.params) if p.grad is not None]
+        self._fold(w, items)
+        return list(w.touched)
+
     def _optimizer_step(self) -> None:
+        self._check_attached()
         if self.full and self._closing:
             self._close_window()
             return
@@ -344,30 +478,63 @@ class GradAccumulator:
                 "this optimizer's GradAccumulator owns the window (accumulation_steps was given): call acc.step() "
                 "after each acc.backward() instead of optimizer.step()"
             )
-        self._flush_all()
         self._adopt_new_params()
-        self.optimizer._fused_step([w.touched for w in self._windows], factor={}, found_inf={})
+        self._fold_scale, self._stats_now = 1.0, False
+        touched = self.optimizer._reconcile()
+        self._warn_hidden_once()
+        factor = {}
+        if self.max_grad_norm is not None:
+            with torch.no_grad():
+                coef = self._clip_coefficient(self._swap_in_sumsq(touched))
+            factor = {a.device: coef.to(a.device) for a in self.optimizer.arenas}
+        self.optimizer._fused_step(touched, factor=factor, found_inf={})
+        for w in self._windows:
+            w.restart()
 
-    def _restart_window(self, set_to_none: bool) -> None:
-        """optimizer.zero_grad() in swap-in mode: the next fold of each parameter overwrites."""
+    def _restart_window(self) -> None:
+        """optimizer.zero_grad(): in swap-in mode the hidden window starts over, as p.grad would."""
         if self.full:
             raise RuntimeError(
                 "optimizer.zero_grad() is not needed with a full-path GradAccumulator: acc.step() starts the next "
-                "window (the first micro-batch overwrites the arena)"
+                "window (the first micro-batch overwrites the arena); acc.zero_grad() discards a window"
             )
-        self._flush_all()
         for w in self._windows:
-            for i, p in enumerate(w.arena.params):
-                if set_to_none:
-                    w.touched[i] = False
-                    p.grad = None
-                elif p.grad is not None or w.touched[i]:
-                    w.grad_views[i].zero_()
-                    w.touched[i] = True
-                    if w.visible:
-                        p.grad = w.grad_views[i]
+            w.restart()
+
+    def _warn_hidden_once(self) -> None:
+        if self._warned_hidden or self.max_grad_norm is not None or not any(any(w.touched) for w in self._windows):
+            return
+        self._warned_hidden = True
+        dtypes = sorted({str(w.arena.dtype).replace("torch.", "") for w in self._windows})
+        warnings.warn(
+            f"fusedaccum: the gradients of the {'/'.join(dtypes)} parameters are accumulated in "
+            f"{str(self._windows[0].arena.grad.dtype).replace('torch.', '')} inside the optimizer and p.grad stays "
+            f"None, so torch.nn.utils.clip_grad_norm_ (HF Trainer's max_grad_norm, accelerator.clip_grad_norm_, "
+            f"Lightning's gradient_clip_val) sees no gradient and clips nothing. To clip, pass "
+            f"GradAccumulator(opt, max_grad_norm=...); to keep torch's own p.grad in the parameter dtype instead, "
+            f"pass accum_dtype=None.",
+            stacklevel=4,
+        )
+
+    def _swap_in_sumsq(self, touched: list[list[bool]]) -> torch.Tensor:
+        """Sum of squares of the gradients about to be stepped (swap-in clipping: one read pass)."""
+        sumsq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for arena, t in zip(self.optimizer.arenas, touched):
+            part = torch.zeros((), dtype=torch.float32, device=arena.device)
+            for a, b in arena.runs(t):
+                lo, hi = arena.range_of(a, b)
+                add_sum_of_squares(arena.grad[lo:hi], part, None)
+            sumsq += part.to(self.device)
+        return sumsq
+
+    def _clip_coefficient(self, sumsq: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+        """factor * min(1, max_grad_norm / (norm + 1e-6)), with norm = sqrt(sumsq) * factor (torch's formula)."""
+        factor = torch.ones((), device=self.device) if factor is None else factor
+        self._grad_norm = sumsq.sqrt() * factor
+        return factor * (self.max_grad_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
 
     def _close_window(self) -> None:
+        touched = self.optimizer._reconcile()
         with torch.no_grad():
             # Norm and inf flag of parameters whose last gradient came before the last micro-batch.
             for w in self._windows:
@@ -378,24 +545,55 @@ class GradAccumulator:
             devices = list(self._stats)
             sumsq = sum(self._stats[d][0].to(self.device) for d in devices)
             found_inf = torch.stack([self._stats[d][1].to(self.device) for d in devices]).amax()
+            factor = torch.ones((), device=self.device)
             if self._uses_items:
+                # A window without items (all padding) has no mean: it is skipped like a non-finite one.
+                found_inf = torch.maximum(found_inf, (self._items <= 0).float())
                 factor = (1.0 / self._items.clamp_min(1)).float()
-            else:
-                factor = torch.ones((), device=self.device)
             if self._scale is not None:
                 factor = factor / self._scale
-            self._grad_norm = sumsq.sqrt() * factor
             if self.max_grad_norm is not None:
-                factor = factor * (self.max_grad_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
+                factor = self._clip_coefficient(sumsq, factor)
+            else:
+                self._grad_norm = sumsq.sqrt() * factor
             self._found_inf = found_inf
             self.optimizer._fused_step(
-                [w.touched for w in self._windows],
+                touched,
                 factor={d: factor.to(d) for d in devices},
                 found_inf={d: found_inf.to(d) for d in devices},
             )
             if self._dynamic:
                 torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf, *self._growth)
         for w in self._windows:
-            w.touched = [False] * len(w.touched)
-            w.touched_last = [False] * len(w.touched)
+            w.restart()
         self._reset_counts()
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _positive_int(value, name: str) -> int:
+    """Any integer type (numpy's too), not bool, at least 1."""
+    if isinstance(value, bool) or torch.is_tensor(value):
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value}")
+    return value
+
+
+def _check_items(num_items):
+    """num_items: a positive number or one-element tensor (a device tensor is checked at the step)."""
+    if torch.is_tensor(num_items):
+        if num_items.numel() != 1:
+            raise ValueError(f"num_items must be a number or a one-element tensor; got a tensor of shape {tuple(num_items.shape)}")
+        if num_items.device.type == "cpu" and not num_items.item() > 0:
+            raise ValueError(f"num_items must be positive (the number of items summed in this loss); got {num_items.item()}")
+        return num_items.reshape(())
+    if isinstance(num_items, bool) or not _is_number(num_items) or not num_items > 0:
+        raise ValueError(f"num_items must be a positive number (the number of items summed in this loss); got {num_items!r}")
+    return num_items

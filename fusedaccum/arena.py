@@ -1,16 +1,34 @@
 """Flat arenas: one set of flat buffers per (param group, device, dtype).
 
-An arena owns the parameters' storage: at construction each parameter's data is copied into
-one flat tensor and the parameter becomes a view of it, so the optimizer step is one pass
-over a contiguous range instead of one kernel per tensor. Beside the parameters it holds the
-gradient accumulation buffer (fp32 by default), the optimizer state, the fp32 master copy
-when master weights are kept, and one step count per parameter.
+An arena holds the parameters' memory: at construction each parameter's data is copied into
+one flat tensor, so the optimizer step is one pass over a contiguous range instead of one
+kernel per tensor. Each parameter keeps a storage of its own that aliases its slice of that
+memory (see `alias`), so torch.save, safetensors and Accelerate see every parameter as itself,
+not as one tied tensor. Beside the parameters the arena holds the gradient accumulation
+buffer (fp32 by default), the optimizer state, the fp32 master copy when master weights are
+kept, and one step count per parameter.
+
+The arena is a cache of what torch shows the user (p.data, optimizer.state[p]); the
+optimizer's `_reconcile` is the one place that brings it back in line before each step.
 """
 from __future__ import annotations
 
 import torch
+import torch.utils.dlpack
 
 ALIGN = 16  # elements; every parameter view starts on a 64-byte boundary for vector loads
+
+
+def alias(view: torch.Tensor) -> torch.Tensor:
+    """A tensor over the same memory as `view` with a storage of its own, sized to the view.
+
+    The new storage's deleter keeps the flat buffer alive. Serializers that look at storages
+    (torch.save, safetensors, Accelerate's tied-weight detection) then treat it as an
+    independent tensor.
+    """
+    if view.numel() == 0:
+        return torch.empty(view.shape, dtype=view.dtype, device=view.device)
+    return torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(view))
 
 
 class Arena:
@@ -32,11 +50,15 @@ class Arena:
         with torch.no_grad():
             for p, view in zip(params, self.views(self.param)):
                 view.copy_(p)
-                p.data = view
+                p.data = alias(view)
         self.data_ptrs = [p.data_ptr() for p in params]
         self.master = None
         if master_weights and self.dtype != torch.float32:
             self.master = self.param.float()
+        # The parameters' version counters when the master last agreed with them: an in-place
+        # change from outside (load_state_dict, clamp_, copy_) bumps it, and the master is
+        # re-seeded from the parameter. The step writes through self.param, not through p.
+        self.versions = [p._version for p in params]
         self.grad: torch.Tensor | None = None
         self.state: dict[str, torch.Tensor] = {}
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
@@ -44,7 +66,9 @@ class Arena:
         # their step counts are equal and one launch can serve them (known on the host
         # without reading the device-side counts).
         self.step_class = [0] * len(params)
-        self.published = [False] * len(params)  # optimizer.state[p] holds views of this arena
+        # What optimizer.state[p] held when this arena last agreed with it: {key: tensor},
+        # the tensors aliasing this arena's state; None while the parameter has no state.
+        self.published: list[dict | None] = [None] * len(params)
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -66,16 +90,41 @@ class Arena:
             if name not in self.state:
                 self.state[name] = torch.zeros(self.numel, dtype=self.state_dtype, device=self.device)
 
+    def check_param(self, i: int) -> None:
+        """Raises if parameter i no longer lives in this arena (converted, moved or replaced)."""
+        p = self.params[i]
+        if p.data_ptr() == self.data_ptrs[i] and p.dtype == self.dtype:
+            return
+        raise RuntimeError(
+            f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) was converted, moved or "
+            f"replaced after its fusedaccum optimizer was built: it is now {p.dtype} on {p.device}, its optimizer "
+            f"holds it as {self.dtype} on {self.device} (model.to(dtype/device), model.half(), .data = ..., "
+            f"load_state_dict(assign=True), share_memory()). Build the optimizer after the model is on its device "
+            f"and in its final dtype, or build a new optimizer now (it takes over these parameters)."
+        )
+
     def check_params(self) -> None:
-        """Raises if a parameter no longer lives in this arena (moved or replaced)."""
-        for i, p in enumerate(self.params):
-            if p.data_ptr() != self.data_ptrs[i]:
-                raise RuntimeError(
-                    f"parameter {i} of param group {self.group_index} ({tuple(p.shape)}, {p.device}) no longer "
-                    f"lives in its fusedaccum arena on {self.device}: it was moved or replaced after the "
-                    f"optimizer was created (model.to(...), .data = ..., load_state_dict(assign=True)). "
-                    f"Create the optimizer after the model is on its device and in its final dtype."
-                )
+        for i in range(len(self.params)):
+            self.check_param(i)
+
+    def reset_state(self, i: int) -> None:
+        """Parameter i starts over as if never stepped: zero state, step 0, master = parameter."""
+        for buf in self.state.values():
+            self.view(buf, i).zero_()
+        self.steps[i] = 0
+        self.reseed_master(i)
+        self.published[i] = None
+
+    def reseed_master(self, i: int) -> None:
+        if self.master is not None:
+            self.view(self.master, i).copy_(self.params[i])
+        self.versions[i] = self.params[i]._version
+
+    def renumber_step_classes(self) -> None:
+        """Step classes from the device-side counts (a host read: only after state was changed by hand)."""
+        counts = self.steps.tolist()
+        classes = {c: k for k, c in enumerate(sorted(set(counts)))}
+        self.step_class = [classes[c] for c in counts]
 
     def runs(self, touched: list[bool]) -> list[tuple[int, int]]:
         """Maximal [a, b) ranges of touched parameters that share a step count."""
@@ -107,15 +156,25 @@ class Arena:
 
 
 def build_arenas(param_groups: list[dict], master_weights: bool, start: int = 0) -> list[Arena]:
+    """Checks every parameter first, then moves them into arenas (a refused group changes nothing)."""
     arenas = []
     for gi, group in enumerate(param_groups, start):
         by_key: dict[tuple, list[torch.Tensor]] = {}
-        for p in group["params"]:
+        seen: set[int] = set()
+        for j, p in enumerate(group["params"]):
+            name = group["param_names"][j] if "param_names" in group else f"parameter {j}"
+            if id(p) in seen:
+                raise ValueError(
+                    f"param group {gi} lists {name} (shape {tuple(p.shape)}) more than once (tied weights collected "
+                    f"from several submodules?). Pass each parameter once: model.parameters() already "
+                    f"deduplicates, or use list(dict.fromkeys(params))."
+                )
+            seen.add(id(p))
             if p.layout != torch.strided:
-                raise ValueError(f"fusedaccum optimizers need dense parameters; got a {p.layout} one")
+                raise ValueError(f"fusedaccum optimizers need dense parameters; {name} is {p.layout}")
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(
-                    f"fusedaccum optimizers support float32, bfloat16 and float16 parameters; got {p.dtype}. "
+                    f"fusedaccum optimizers support float32, bfloat16 and float16 parameters; {name} is {p.dtype}. "
                     f"Keep this parameter on a torch.optim optimizer."
                 )
             by_key.setdefault((p.device, p.dtype), []).append(p)

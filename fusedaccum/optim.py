@@ -8,6 +8,7 @@ gradients are already in the arena and step() reads them from there.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -15,7 +16,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fusedaccum.arena import Arena, build_arenas
 
-# parameter -> weakref to the fusedaccum optimizer whose arena holds its storage
+# parameter -> weakref to the fusedaccum optimizer whose arena holds its memory
 _OWNER = WeakIdKeyDictionary()
 
 
@@ -32,30 +33,56 @@ class FusedOptimizer:
         # The step is always fused here; torch's own foreach/fused switches do not apply.
         kwargs["foreach"] = None
         kwargs["fused"] = None
+        self._init_arenas()
+        return kwargs
+
+    def _init_arenas(self) -> None:
         self._arenas: list[Arena] = []
         self._accumulator = None
-        return kwargs
+        self._superseded = False
+        self._loading: dict | None = None  # the state_dict being loaded, as the pre-hooks left it
 
     # -- parameter ownership and arenas ------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        for p in group["params"]:
-            owner = _OWNER.get(p)
-            if owner is not None and owner() is not None and owner() is not self:
-                raise ValueError(
-                    "a parameter is already managed by another fusedaccum optimizer; each parameter can "
-                    "belong to one fusedaccum optimizer (its storage lives in that optimizer's arena)"
-                )
-        arenas = build_arenas([group], self.master_weights, start=len(self.param_groups) - 1)
+        try:
+            arenas = build_arenas(self.param_groups[-1:], self.master_weights, start=len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
+        self._adopt_arenas(arenas)
+
+    def _adopt_arenas(self, arenas: list[Arena]) -> None:
         for arena in arenas:
             _one(arena.device)  # made now, eagerly: made inside a CUDA graph capture it would hold garbage
-        for p in group["params"]:
-            _OWNER[p] = weakref.ref(self)
+            if arena.dtype == torch.float16 and arena.master is None and self._state_names:
+                warnings.warn(
+                    f"{type(self).__name__} over float16 parameters without master weights keeps its moments in "
+                    f"float16, where exp_avg_sq underflows and overflows (inf/NaN updates). Pass master_weights=True "
+                    f"(fp32 master and moments), or use bfloat16.", stacklevel=4,
+                )
+            for p in arena.params:
+                old = _OWNER.get(p)
+                if old is not None and old() is not None and old() is not self:
+                    old()._supersede()  # the newest optimizer over a parameter wins (torch allows several)
+                _OWNER[p] = weakref.ref(self)
         self._arenas += arenas
         if self._accumulator is not None:
             self._accumulator._attach_arenas(arenas)
+
+    def _supersede(self) -> None:
+        self._superseded = True
+        if self._accumulator is not None:
+            self._accumulator._detach()
+
+    def _check_current(self) -> None:
+        if self._superseded:
+            raise RuntimeError(
+                f"this {type(self).__name__} was superseded: a newer fusedaccum optimizer was built over its "
+                f"parameters and now holds them (their memory lives in its arena). Use the newer optimizer, or "
+                f"build a new one again."
+            )
 
     @property
     def arenas(self) -> list[Arena]:
@@ -65,6 +92,7 @@ class FusedOptimizer:
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_current()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -72,15 +100,79 @@ class FusedOptimizer:
         if self._accumulator is not None:
             self._accumulator._optimizer_step()
         else:
-            touched = [self._gather_grads(a) for a in self._arenas]
-            self._fused_step(touched, factor={}, found_inf={})
+            self._fused_step(self._reconcile(), factor={}, found_inf={})
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._accumulator is not None:
-            self._accumulator._restart_window(set_to_none)
-        else:
-            super().zero_grad(set_to_none)
+            self._accumulator._restart_window()
+        super().zero_grad(set_to_none)
+
+    def _reconcile(self) -> list[list[bool]]:
+        """Brings the arenas in line with what torch shows the user, before a step.
+
+        This is the one place where the visible state wins over the arena's copy of it: a
+        parameter converted or moved raises; a parameter changed in place re-seeds its fp32
+        master; optimizer.state[p] cleared, replaced or edited is adopted into the arena (the
+        parameter starts over where it has no state); the gradients are p.grad, or the
+        accumulator's window where it hides them. Returns, per arena, which parameters step.
+        """
+        state, acc = self.state, self._accumulator
+        touched = []
+        for arena in self._arenas:
+            names = self._state_names_for(self.param_groups[arena.group_index])
+            adopted = False
+            for i, p in enumerate(arena.params):
+                arena.check_param(i)
+                if arena.master is not None and p._version != arena.versions[i]:
+                    arena.reseed_master(i)
+                published, entry = arena.published[i], state.get(p) or {}
+                if published is not None and all(entry.get(k) is t for k, t in published.items()):
+                    continue  # optimizer.state[p] is what the arena published: nothing to do
+                if published is not None and not entry:
+                    arena.reset_state(i)  # state cleared by hand: start over, as torch.optim would
+                    adopted = True
+                elif entry:
+                    self._adopt_state(arena, i, entry, names)
+                    adopted = True
+            if adopted:
+                arena.renumber_step_classes()
+            touched.append(acc._collect(arena) if acc is not None else self._gather_grads(arena))
+        return touched
+
+    def _adopt_state(self, arena: Arena, i: int, entry: dict, names: tuple[str, ...]) -> None:
+        """Copies a state entry set or loaded by hand into the arena and publishes its views."""
+        arena.ensure_state(names)
+        published = arena.published[i] or {}
+        for name in names:
+            value, dst = entry.get(name), arena.view(arena.state[name], i)
+            if value is None:
+                dst.zero_()
+            elif value is not published.get(name):
+                dst.copy_(value)
+        if self._publish_step:
+            arena.steps[i] = float(entry.get("step", 0))
+        else:  # torch.optim.SGD keeps no count; a momentum buffer means "not the first step"
+            arena.steps[i] = 0.0 if entry.get("momentum_buffer") is None else 1.0
+        master = entry.get("master_param")
+        if arena.master is None or master is None:
+            arena.reseed_master(i)
+        elif master is not published.get("master_param"):
+            arena.view(arena.master, i).copy_(master)
+            arena.versions[i] = arena.params[i]._version
+        self._publish(arena, i, names)
+
+    def _publish(self, arena: Arena, i: int, names: tuple[str, ...]) -> None:
+        """optimizer.state[p] gets views of the arena, with torch.optim's keys."""
+        entry = {"step": arena.steps[i]} if self._publish_step else {}
+        for name in names:
+            entry[name] = arena.view(arena.state[name], i)
+        if arena.master is not None:
+            entry["master_param"] = arena.view(arena.master, i)
+        arena.published[i] = entry
+        if entry:
+            p = arena.params[i]
+            self.state[p] = {**self.state.get(p, {}), **entry}  # keys a user added stay
 
     def _gather_grads(self, arena: Arena) -> list[bool]:
         """Copies the parameters' .grad into the arena (one accumulate launch per grad dtype)."""
@@ -103,10 +195,12 @@ class FusedOptimizer:
         for arena, t in zip(self._arenas, touched):
             if not any(t):
                 continue
-            arena.check_params()
             group = self.param_groups[arena.group_index]
-            arena.ensure_state(self._state_names_for(group))
-            self._publish_state(arena, t, group)
+            names = self._state_names_for(group)
+            arena.ensure_state(names)
+            for i in range(len(t)):
+                if t[i] and arena.published[i] is None:  # first step of this parameter
+                    self._publish(arena, i, names)
             f = factor.get(arena.device)
             if f is None:
                 f = _one(arena.device)
@@ -125,66 +219,58 @@ class FusedOptimizer:
     def _state_names_for(self, group: dict) -> tuple[str, ...]:
         return self._state_names
 
-    def _publish_state(self, arena: Arena, touched: list[bool], group: dict) -> None:
-        """Makes self.state[p] hold views of the arena for parameters that get their first step,
-        with torch.optim's keys (SGD keeps no step count there, as torch.optim.SGD)."""
-        names = self._state_names_for(group)
-        for i, p in enumerate(arena.params):
-            if not touched[i] or arena.published[i]:
-                continue
-            arena.published[i] = True
-            entry = {"step": arena.steps[i]} if self._publish_step else {}
-            for name in names:
-                entry[name] = arena.view(arena.state[name], i)
-            if arena.master is not None:
-                entry["master_param"] = arena.view(arena.master, i)
-            if entry:
-                self.state[p] = entry
-
     @staticmethod
     def _param_and_copy(arena: Arena, lo: int, hi: int):
         if arena.master is not None:
             return arena.master[lo:hi], arena.param[lo:hi]
         return arena.param[lo:hi], None
 
-    # -- state_dict interop -------------------------------------------------------------
+    # -- state_dict, copies, pickling -----------------------------------------------------
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch.optim casts state to the parameter dtype; keep the saved tensors to copy them
-        # into the arenas at full precision (fp32 state of master weights).
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        raw = {i: state_dict["state"][i] for i in saved_ids if i in state_dict["state"]}
-        super().load_state_dict(state_dict)
+        """torch.optim's load_state_dict (hooks included); the next step adopts the loaded state."""
+        self._check_current()
+
+        def remember(optimizer, final):  # registered last: sees the dict every user pre-hook returned
+            self._loading = final
+
+        handle = self.register_load_state_dict_pre_hook(remember)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+            self._loading = None
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "master_weights": self.master_weights}
+
+    def __setstate__(self, state: dict) -> None:
+        if "_arenas" not in self.__dict__:
+            # Unpickled or deep-copied: new arenas over the (copied) parameters; the copied
+            # optimizer.state is adopted by the first step like any state set by hand.
+            self.master_weights = state.pop("master_weights", False)
+            super().__setstate__(state)
+            self._init_arenas()
+            for gi in range(len(self.param_groups)):
+                self._adopt_arenas(build_arenas(self.param_groups[gi : gi + 1], self.master_weights, start=gi))
+            return
+        super().__setstate__(state)  # from load_state_dict, before its post-hooks
+        if self._loading is not None:
+            self._keep_saved_precision(self._loading)
+
+    def _keep_saved_precision(self, saved: dict) -> None:
+        """torch.optim casts loaded state to the parameter dtype (bf16); an arena keeping fp32 state
+        (master weights) takes the saved tensors at their own precision instead."""
+        saved_ids = [i for g in saved["param_groups"] for i in g["params"]]
         ours = [p for g in self.param_groups for p in g["params"]]
-        by_param = {p: raw[i] for p, i in zip(ours, saved_ids) if i in raw}
-        self.state.clear()
-        for arena in self._arenas:
-            arena.published = [False] * len(arena.params)
-            group = self.param_groups[arena.group_index]
-            names = self._state_names_for(group)
-            arena.ensure_state(names)
-            loaded = []
-            for i, p in enumerate(arena.params):
-                entry = by_param.get(p)
-                has_state = entry is not None and any(entry.get(n) is not None for n in names + ("step",))
-                loaded.append(has_state)
-                if not has_state:
-                    continue
-                with torch.no_grad():
-                    for name in names:
-                        value = entry.get(name)
-                        if value is not None:
-                            arena.view(arena.state[name], i).copy_(value)
-                    # torch.optim.SGD keeps no step count; a saved momentum buffer means "not first".
-                    arena.steps[i] = float(entry.get("step", 1))
-                    if arena.master is not None:
-                        master = entry.get("master_param")
-                        arena.view(arena.master, i).copy_(master if master is not None else p)
-            # Step classes from the loaded counts (read once, on the host, at load time).
-            counts = arena.steps.tolist()
-            classes = {c: k for k, c in enumerate(sorted(set(counts)))}
-            arena.step_class = [classes[c] for c in counts]
-            self._publish_state(arena, loaded, group)
+        for p, i in zip(ours, saved_ids):
+            raw, entry = saved["state"].get(i), self.state.get(p)
+            if not raw or not entry:
+                continue
+            for key, value in raw.items():
+                if key != "step" and torch.is_tensor(value) and torch.is_tensor(entry.get(key)):
+                    if value.dtype != entry[key].dtype:
+                        entry[key] = value.to(p.device)
 
 
 _ONES: dict[torch.device, torch.Tensor] = {}

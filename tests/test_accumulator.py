@@ -84,6 +84,7 @@ def test_seed_loop_three_ways(device_backend):
 
 
 def test_swap_in_grad_is_visible_and_clippable(device_backend):
+    """Same-dtype swap-in leaves p.grad to autograd: user code reads and clips torch's own gradients."""
     device, _ = device_backend
     data = seed_data(device, 100, steps=N)
     ref = seed_model(device, small=True)
@@ -95,9 +96,8 @@ def test_swap_in_grad_is_visible_and_clippable(device_backend):
     opt.zero_grad()
     for x, y in data:
         (loss_fn(model, x, y, 100) / N).backward()
-    arena = opt.arenas[0]
-    for p, view in zip(model.parameters(), arena.views(arena.grad)):
-        assert p.grad is not None and p.grad.data_ptr() == view.data_ptr(), "p.grad is the arena view"
+    for p in model.parameters():
+        assert p.grad is not None and p.grad.untyped_storage().data_ptr() != opt.arenas[0].grad.data_ptr()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
     torch.testing.assert_close(norm, ref_norms[0], rtol=1e-5, atol=0)
     opt.step()
