@@ -198,6 +198,8 @@ class GradAccumulator:
                 "every call of a window (loss = sum over items) or to none (loss = mean)"
             )
         self._adopt_new_params()
+        for w in self._windows:
+            self._check_untouched_grads(w)
         self._stats_now = self._micro_step == n - 1
         if self._stats_now:
             for sumsq, found_inf in self._stats.values():
@@ -396,10 +398,12 @@ class GradAccumulator:
         for p in w.arena.params:
             if p.grad is not None:
                 raise RuntimeError(
-                    "p.grad was written after a full-path GradAccumulator took the gradient (DistributedDataParallel "
-                    "does this when it all-reduces). The full path does not run under a DDP-wrapped model: use swap-in "
-                    "mode there (GradAccumulator(opt), loss.backward(), opt.step()), or wait for the native data-parallel "
-                    "path (GradAccumulator(..., process_group=...)) on the unwrapped model."
+                    "a parameter of a full-path GradAccumulator has a p.grad that did not come through acc.backward(): "
+                    "it was written after the accumulator took the gradient (DistributedDataParallel does this when it "
+                    "all-reduces), set by hand, or left from a loss.backward() before the accumulator was attached. "
+                    "Under a DDP-wrapped model use swap-in mode (GradAccumulator(opt), loss.backward(), opt.step()) or, "
+                    "once available, the native data-parallel path (GradAccumulator(..., process_group=...)) on the "
+                    "unwrapped model; otherwise call acc.zero_grad() to drop stray gradients."
                 )
 
     def _flush(self, w: _Window, b: int) -> None:
