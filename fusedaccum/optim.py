@@ -8,6 +8,7 @@ gradients are already in the arena and step() reads them from there.
 """
 from __future__ import annotations
 
+import operator
 import warnings
 import weakref
 
@@ -127,7 +128,7 @@ class FusedOptimizer:
                 if arena.master is not None and p._version != arena.versions[i]:
                     arena.reseed_master(i)
                 published, entry = arena.published[i], state.get(p) or {}
-                if published is not None and all(entry.get(k) is t for k, t in published.items()):
+                if published is not None and all(map(operator.is_, map(entry.get, published), published.values())):
                     continue  # optimizer.state[p] is what the arena published: nothing to do
                 if published is not None and not entry:
                     arena.reset_state(i)  # state cleared by hand: start over, as torch.optim would
