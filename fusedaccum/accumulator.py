@@ -485,13 +485,21 @@ class GradAccumulator:
         self._adopt_new_params()
         self._fold_scale, self._stats_now = 1.0, False
         touched = self.optimizer._reconcile()
+        factor, found_inf = self.optimizer._grad_scaler_inputs()
+        if (factor or found_inf) and any(any(w.touched) for w in self._windows):
+            raise RuntimeError(
+                "torch.amp.GradScaler cannot see the gradients this GradAccumulator hides (bf16/fp16 parameters, fp32 "
+                "arena): it would step with scaled gradients and miss overflows. Use the full path's own loss scaling, "
+                "GradAccumulator(opt, accumulation_steps=N, loss_scale='dynamic'), or accum_dtype=None to keep p.grad "
+                "visible to the scaler."
+            )
         self._warn_hidden_once()
-        factor = {}
         if self.max_grad_norm is not None:
             with torch.no_grad():
-                coef = self._clip_coefficient(self._swap_in_sumsq(touched))
+                scale = factor.get(self.device)
+                coef = self._clip_coefficient(self._swap_in_sumsq(touched), scale)
             factor = {a.device: coef.to(a.device) for a in self.optimizer.arenas}
-        self.optimizer._fused_step(touched, factor=factor, found_inf={})
+        self.optimizer._fused_step(touched, factor=factor, found_inf=found_inf)
         for w in self._windows:
             w.restart()
 

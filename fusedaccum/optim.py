@@ -26,6 +26,9 @@ class FusedOptimizer:
 
     _state_names: tuple[str, ...] = ()
     _publish_step = True
+    # torch.amp.GradScaler hands this optimizer the scale and the non-finite flag (as it does
+    # torch's fused Adam) instead of unscaling p.grad in place: both go into the fused step.
+    _step_supports_amp_scaling = True
 
     def _init_fused(self, kwargs: dict) -> dict:
         self.master_weights = bool(kwargs.pop("master_weights", False))
@@ -101,8 +104,17 @@ class FusedOptimizer:
         if self._accumulator is not None:
             self._accumulator._optimizer_step()
         else:
-            self._fused_step(self._reconcile(), factor={}, found_inf={})
+            self._fused_step(self._reconcile(), *self._grad_scaler_inputs())
         return loss
+
+    def _grad_scaler_inputs(self) -> tuple[dict, dict]:
+        """(factor, found_inf) per device from torch.amp.GradScaler.step, if it is calling: the
+        inverse of the scale the gradients still carry, and 1 where a gradient is not finite."""
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        devices = {a.device for a in self._arenas}
+        factor = {} if scale is None else {d: (1.0 / scale.double()).float().to(d) for d in devices}
+        skip = {} if not torch.is_tensor(found_inf) else {d: (found_inf > 0).float().to(d) for d in devices}
+        return factor, skip
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._accumulator is not None:
