@@ -4,7 +4,8 @@ Same arguments, defaults, param_groups and state_dict format as torch.optim (a s
 saved by one loads into the other), plus `master_weights=True` to keep an fp32 master copy of
 bf16/fp16 parameters. Without an accumulator attached they behave like torch.optim: step()
 reads p.grad (gathered into the arena by the accumulate op). With fa.GradAccumulator attached,
-gradients are already in the arena and step() reads them from there.
+the gradients it hides (full path; bf16/fp16 swap-in) are already in the arena; the rest are
+still read from p.grad. `_reconcile` is where the arena catches up with what torch shows.
 """
 from __future__ import annotations
 
