@@ -95,9 +95,10 @@ def test_num_items_in_some_calls_only():
 
 def test_plain_backward_in_full_path():
     m = model()
-    fa.GradAccumulator(fa.Adam(m.parameters()), accumulation_steps=2)
+    acc = fa.GradAccumulator(fa.Adam(m.parameters()), accumulation_steps=2)
     with pytest.raises(RuntimeError, match="call acc.backward"):
         backward(m)
+    del acc  # kept alive until here: a dropped accumulator (and its hooks) may be collected at any time
 
 
 def test_optimizer_step_and_zero_grad_in_full_path():

@@ -3,6 +3,9 @@ fusedaccum, case by case, with the results in --out as JSON, CSV and a PNG plot.
 
     fusedaccum-bench --quick                      # about a minute, default device
     fusedaccum-bench --device cpu --backend all   # every backend that runs on the CPU
+
+rich (live progress, coloured tables) and matplotlib (the PNG) are optional: without them the
+tables are plain text and the JSON and CSV are written all the same.
 """
 from __future__ import annotations
 
@@ -10,12 +13,14 @@ import argparse
 import datetime
 import gc
 import importlib.metadata
+import json
 import os
 import platform
 import re
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -27,7 +32,8 @@ from fusedaccum.bench.cases import DTYPES, SECTIONS, Precision, Settings, layout
 from fusedaccum.bench.timing import Clock
 
 # Per (device, scale): timed seconds to aim for per measurement, min and max timed calls.
-# CUDA timings are steady, so shorter runs suffice (and scripts/gpu_check.sh has 3 minutes).
+# CUDA timings are steady, so shorter runs suffice (scripts/gpu_check.sh runs --quick, a share of
+# 9 minutes per case section).
 CLOCK = {
     ("cpu", "full"): (0.25, 3, 50), ("cpu", "quick"): (0.02, 3, 15),
     ("cuda", "full"): (0.1, 5, 100), ("cuda", "quick"): (0.02, 3, 20),
@@ -51,6 +57,9 @@ def parse_args(argv):
     p.add_argument("--accumulation-steps", type=int, default=4, metavar="N",
                    help="micro-batches per window (default 4)")
     p.add_argument("--cases", default="all", help=f"comma-separated subset of {', '.join(SECTIONS)} (default all)")
+    p.add_argument("--jobs-log", type=Path, default=None, metavar="FILE",
+                   help="also append each job's rows to FILE (JSON lines) as soon as the job ends, so that a "
+                        "run killed at a time limit keeps what it measured")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # toy sizes, for the smoke test
     args = p.parse_args(argv)
     if args.accumulation_steps < 1:
@@ -132,37 +141,85 @@ def cpu_busy_elsewhere(seconds: float = 0.25) -> float | None:
     return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
 
 
-def run_jobs(jobs) -> list:
-    progress_mod = report.require("rich.progress")
-    columns = [progress_mod.TextColumn("{task.description:<42}"), progress_mod.BarColumn(),
-               progress_mod.MofNCompleteColumn(), progress_mod.TimeElapsedColumn()]
-    results = []
+class JobsLog:
+    """--jobs-log: one JSON line per finished job (and one header line), flushed at once."""
+
+    def __init__(self, path: Path | None, header: dict):
+        self.file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = path.open("a")
+            self.write({"header": header})
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def run_jobs(jobs, log: JobsLog, copy_gbps: float) -> tuple[list, list[dict], str | None]:
+    """Runs the jobs in order: (results, errors, the job that was interrupted or None). A job that
+    raises is reported and the next one runs; Ctrl-C (or `timeout -s INT`) stops the run, keeping
+    what was measured."""
+    progress_mod = report.optional("rich.progress")
+    results, errors, interrupted = [], [], None
     # The jobs free what they built with gc.collect(); frozen, the objects that exist now
     # (torch, matplotlib, ...) are not scanned again, which makes each collect ~free.
     gc.collect()
     gc.freeze()
+    progress = None
     try:
-        with progress_mod.Progress(*columns, transient=False) as progress:
+        if progress_mod is not None:
+            columns = [progress_mod.TextColumn("{task.description:<42}"), progress_mod.BarColumn(),
+                       progress_mod.MofNCompleteColumn(), progress_mod.TimeElapsedColumn()]
+            progress = progress_mod.Progress(*columns, transient=False)
+            progress.start()
             task = progress.add_task("benchmarking", total=len(jobs))
-            for k, job in enumerate(jobs, 1):
+        for k, job in enumerate(jobs, 1):
+            if progress is not None:
                 progress.update(task, description=job.label)
-                start = time.perf_counter()
-                results += job.run()
-                release()
+            start = time.perf_counter()
+            failed = False
+            try:
+                got = job.run()
+            except KeyboardInterrupt:
+                interrupted = job.label
+                errors.append({"job": job.label, "error": "interrupted (SIGINT): this and the later jobs did not run"})
+                log.write({"job": job.label, "interrupted": True, "seconds": time.perf_counter() - start})
+                break
+            except Exception as exc:  # one broken case must not cost the measurements of the others
+                got, failed = [], True
+                errors.append({"job": job.label, "error": f"{type(exc).__name__}: {exc}"})
+                log.write({"job": job.label, "error": traceback.format_exc(), "seconds": time.perf_counter() - start})
+                traceback.print_exc()
+            else:
+                log.write({"job": job.label, "seconds": time.perf_counter() - start,
+                           "rows": [report.row_record(r, copy_gbps) for r in got if not isinstance(r, Precision)],
+                           "precision": report.precision_records([r for r in got if isinstance(r, Precision)])})
+            results += got
+            release()
+            line = f"[{k}/{len(jobs)}] {job.label}: {time.perf_counter() - start:.1f} s" + (" FAILED" if failed else "")
+            if progress is None:
+                print(line, flush=True)
+            else:
                 progress.advance(task)
                 if not progress.console.is_terminal:  # a log has no live bar: say where the run is
-                    progress.console.print(f"[{k}/{len(jobs)}] {job.label}: {time.perf_counter() - start:.1f} s",
-                                           markup=False)
-            progress.update(task, description="done")
+                    progress.console.print(line, markup=False)
+        if progress is not None:
+            progress.update(task, description="interrupted" if interrupted else "done")
     finally:
+        if progress is not None:
+            progress.stop()
         gc.unfreeze()
-    return results
+    return results, errors, interrupted
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    report.require("rich")  # fail before measuring, not after
-    report.require("matplotlib")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch sees no CUDA GPU; use --device cpu")
     device = torch.device(args.device)
@@ -195,7 +252,16 @@ def main(argv=None) -> int:
                               f"CPU timings of this run are noisy")
     now = datetime.datetime.now(datetime.timezone.utc)
     copy_gbps = clock.copy_bandwidth()
-    results = run_jobs(plan(settings, sections))
+    jobs = plan(settings, sections)
+    log = JobsLog(args.jobs_log, {"timestamp": now.isoformat(timespec="seconds"), "device": device_info(device),
+                                  "versions": versions(), "scale": scale, "backends": backends,
+                                  "copy_bandwidth_gbps": copy_gbps, "jobs": [j.label for j in jobs]})
+    try:
+        results, errors, interrupted = run_jobs(jobs, log, copy_gbps)
+    finally:
+        log.close()
+    if interrupted:
+        settings.notes.append(f"interrupted during job '{interrupted}': it and the jobs after it did not run")
     rows = [r for r in results if not isinstance(r, Precision)]
     run = {
         "schema": "fusedaccum-bench/1",
@@ -216,11 +282,12 @@ def main(argv=None) -> int:
         "notes": settings.notes,
         "rows": [report.row_record(r, copy_gbps) for r in rows],
         "precision": report.precision_records([r for r in results if isinstance(r, Precision)]),
+        "errors": errors,
     }
     report.print_tables(run)
     paths = report.write_all(run, args.out)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

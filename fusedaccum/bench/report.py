@@ -1,5 +1,6 @@
-"""What a run leaves behind: rich tables on the terminal, and in the output folder one JSON,
-one CSV and one PNG per run, plus latest-<device>.json/.png copies under stable names."""
+"""What a run leaves behind: tables on the terminal (rich when it is installed, plain text
+otherwise), and in the output folder one JSON, one CSV and (with matplotlib) one PNG per run,
+plus latest-<device>.json/.png copies under stable names."""
 from __future__ import annotations
 
 import csv
@@ -20,15 +21,12 @@ TABLE_SECTIONS = {
 }
 
 
-def require(module: str):
-    """Imports matplotlib / rich on first use, with the fix in the error."""
+def optional(module: str):
+    """matplotlib / rich if installed (pip install 'fusedaccum[bench]'), else None."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise SystemExit(
-            f"fusedaccum-bench needs {module.split('.')[0]}: pip install 'fusedaccum[bench]' "
-            f"(or: pip install matplotlib rich)"
-        ) from None
+        return None
 
 
 def row_record(row: Row, copy_gbps: float) -> dict:
@@ -56,76 +54,107 @@ def _time(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
+def table_cells(rows: list[dict], e2e: bool) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of one section's table (the ratio last)."""
+    header = ["model" if e2e else "layout", "dtype", "backend", "case", "standard", "fused", "std time", "fused time"]
+    header += ["std steps/s", "fused steps/s"] if e2e else ["std GB/s", "fused GB/s", "std % copy", "fused % copy"]
+    header.append("std/fused")
+    cells = []
+    for r in rows:
+        line = [r["layout"], r["dtype"], r["backend"], r["case"], r["standard"], r["fused"],
+                _time(r["standard_s"]), _time(r["fused_s"])]
+        if e2e:
+            line += [f"{r['standard_per_s']:.1f}", f"{r['fused_per_s']:.1f}"]
+        else:
+            line += [f"{r['standard_gbps']:.1f}", f"{r['fused_gbps']:.1f}",
+                     f"{r['standard_pct_of_copy']:.0f}%", f"{r['fused_pct_of_copy']:.0f}%"]
+        line.append(f"{r['ratio']:.2f}x")
+        cells.append(line)
+    return header, cells
+
+
+def _plain_table(title: str, header: list[str], cells: list[list[str]]) -> str:
+    """A fixed-width text table: text columns left-aligned, the numbers (from "std time" on) right."""
+    first_number = header.index("std time")
+    widths = [max(len(row[i]) for row in [header] + cells) for i in range(len(header))]
+
+    def line(row):
+        return "  ".join(v.rjust(w) if i >= first_number else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+
+    rule = "-" * len(line(["-" * w for w in widths]))
+    return "\n".join([title, line(header), rule] + [line(row) for row in cells])
+
+
 def print_tables(run: dict) -> None:
-    escape = require("rich.markup").escape  # "[cpp]" would otherwise read as a style tag
-    console = require("rich.console").Console()
-    if not console.is_terminal:  # a log file: wide enough that no column wraps
-        console = require("rich.console").Console(width=220)
-    Table = require("rich.table").Table
+    """The run's tables on stdout: rich when it is installed, plain text otherwise."""
+    rich_console, rich_table, rich_markup = (optional(m) for m in ("rich.console", "rich.table", "rich.markup"))
+    if rich_console and rich_table and rich_markup:
+        console = rich_console.Console()
+        if not console.is_terminal:  # a log file: wide enough that no column wraps
+            console = rich_console.Console(width=220)
+        escape = rich_markup.escape  # "[cpp]" would otherwise read as a style tag
+    else:
+        console = escape = None
+
+    def say(text: str = "") -> None:
+        if console is None:
+            print(text, flush=True)
+        else:
+            console.print(escape(text))
+
     dev = run["device"]
-    console.print(
-        f"\n[bold]fusedaccum-bench[/] on {dev['name']} ({dev['type']}), scale {run['scale']}, "
-        f"N={run['args']['accumulation_steps']}, copy bandwidth [bold]{run['copy_bandwidth_gbps']:.1f} GB/s[/]"
-    )
+    say(f"\nfusedaccum-bench on {dev['name']} ({dev['type']}), scale {run['scale']}, "
+        f"N={run['args']['accumulation_steps']}, copy bandwidth {run['copy_bandwidth_gbps']:.1f} GB/s")
     for note in run["notes"]:
-        console.print(escape(f"  note: {note}"))
+        say(f"  note: {note}")
     for section, title in TABLE_SECTIONS.items():
         rows = [r for r in run["rows"] if r["section"] == section]
         if not rows:
             continue
-        e2e = section == "end-to-end"
-        table = Table(title=title, title_justify="left", show_lines=False)
-        for col in ("layout", "dtype", "backend", "case", "standard", "fused"):
-            table.add_column("model" if e2e and col == "layout" else col)
-        table.add_column("std time", justify="right")
-        table.add_column("fused time", justify="right")
-        if e2e:
-            table.add_column("std steps/s", justify="right")
-            table.add_column("fused steps/s", justify="right")
+        header, cells = table_cells(rows, section == "end-to-end")
+        if console is None:
+            say("\n" + _plain_table(title, header, cells))
         else:
-            for col in ("std GB/s", "fused GB/s", "std % copy", "fused % copy"):
-                table.add_column(col, justify="right")
-        table.add_column("std/fused", justify="right", style="bold")
-        for r in rows:
-            cells = [r["layout"], r["dtype"], r["backend"], r["case"], r["standard"], r["fused"],
-                     _time(r["standard_s"]), _time(r["fused_s"])]
-            if e2e:
-                cells += [f"{r['standard_per_s']:.1f}", f"{r['fused_per_s']:.1f}"]
-            else:
-                cells += [f"{r['standard_gbps']:.1f}", f"{r['fused_gbps']:.1f}",
-                          f"{r['standard_pct_of_copy']:.0f}%", f"{r['fused_pct_of_copy']:.0f}%"]
-            ratio = r["ratio"]
-            cells.append(f"[{'green' if ratio > 1 else 'red'}]{ratio:.2f}x[/]")
-            table.add_row(*cells)
-        console.print(table)
+            table = rich_table.Table(title=title, title_justify="left", show_lines=False)
+            first_number = header.index("std time")
+            for i, col in enumerate(header):
+                table.add_column(col, justify="right" if i >= first_number else "left",
+                                 style="bold" if col == "std/fused" else None)
+            for r, line in zip(rows, cells):
+                ratio = f"[{'green' if r['ratio'] > 1 else 'red'}]{line[-1]}[/]"
+                table.add_row(*[escape(v) for v in line[:-1]], ratio)
+            console.print(table)
         if section == "accumulate" and run["precision"]:
             for p in run["precision"]:
-                console.print(escape(
-                    f"  precision [{p['backend']}]: {p['micro_batches']} bf16 micro-batches of {p['elements']} "
+                say(f"  precision [{p['backend']}]: {p['micro_batches']} bf16 micro-batches of {p['elements']} "
                     f"elements, max |error| / max |sum| vs float64: bf16 sum (standard) "
-                    f"{p['standard_bf16_rel_err']:.2e}, fp32 arena (fused) {p['fused_fp32_rel_err']:.2e}"
-                ))
-    console.print("  GB/s counts DESIGN.md's floor bytes for both sides (so a side that moves fewer bytes, "
-                  "as bf16 += bf16 does, can pass the copy bandwidth); std/fused > 1: fused is faster.")
+                    f"{p['standard_bf16_rel_err']:.2e}, fp32 arena (fused) {p['fused_fp32_rel_err']:.2e}")
+    for err in run.get("errors", []):
+        say(f"  ERROR in job {err['job']}: {err['error']}")
+    say("  GB/s counts DESIGN.md's floor bytes for both sides (so a side that moves fewer bytes, "
+        "as bf16 += bf16 does, can pass the copy bandwidth); std/fused > 1: fused is faster.")
     if run["device"]["type"] == "cpu":
-        console.print("  On CPU a copy's stores also read their lines first, which read+write counting does not "
-                      "see: streaming kernels can show more than 100% of copy.")
+        say("  On CPU a copy's stores also read their lines first, which read+write counting does not "
+            "see: streaming kernels can show more than 100% of copy.")
 
 
 def write_all(run: dict, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{run['device']['slug']}-{run['timestamp_compact']}"
-    paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "png": out / f"{stem}.png"}
+    paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv"}
     paths["json"].write_text(json.dumps(run, indent=1) + "\n")
     write_csv(run["rows"], paths["csv"])
-    plot(run, paths["png"])
+    if plot(run, out / f"{stem}.png"):
+        paths["png"] = out / f"{stem}.png"
     # Stable names for the README: copies of the newest run on this kind of device.
     kind = run["device"]["type"]
     latest = {**run, "run_file": paths["json"].name}
     paths["latest_json"] = out / f"latest-{kind}.json"
     paths["latest_json"].write_text(json.dumps(latest, indent=1) + "\n")
-    paths["latest_png"] = out / f"latest-{kind}.png"
-    shutil.copyfile(paths["png"], paths["latest_png"])
+    if "png" in paths:
+        paths["latest_png"] = out / f"latest-{kind}.png"
+        shutil.copyfile(paths["png"], paths["latest_png"])
     return paths
 
 
@@ -136,10 +165,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def plot(run: dict, path: Path) -> None:
-    matplotlib = require("matplotlib")
+def plot(run: dict, path: Path) -> bool:
+    """The PNG; False (and no file) without matplotlib."""
+    matplotlib = optional("matplotlib")
+    if matplotlib is None:
+        return False
     matplotlib.use("Agg")
-    plt = require("matplotlib.pyplot")
+    plt = importlib.import_module("matplotlib.pyplot")
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
     fig.suptitle(f"fusedaccum-bench: {run['device']['name']} ({run['scale']}, {run['timestamp']})", fontsize=11)
 
@@ -192,6 +224,7 @@ def plot(run: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def precision_records(items: list[Precision]) -> list[dict]:
