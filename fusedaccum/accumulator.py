@@ -496,8 +496,9 @@ class GradAccumulator:
         self._warn_hidden_once()
         if self.max_grad_norm is not None:
             with torch.no_grad():
-                scale = factor.get(self.device)
-                coef = self._clip_coefficient(self._swap_in_sumsq(touched), scale)
+                scale = factor.get(self.device, torch.ones((), device=self.device))
+                self._grad_norm = self._swap_in_sumsq(touched).sqrt() * scale
+                coef = scale * self._clip_coefficient()
             factor = {a.device: coef.to(a.device) for a in self.optimizer.arenas}
         self.optimizer._fused_step(touched, factor=factor, found_inf=found_inf)
         for w in self._windows:
@@ -539,11 +540,9 @@ class GradAccumulator:
             sumsq += part.to(self.device)
         return sumsq
 
-    def _clip_coefficient(self, sumsq: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
-        """factor * min(1, max_grad_norm / (norm + 1e-6)), with norm = sqrt(sumsq) * factor (torch's formula)."""
-        factor = torch.ones((), device=self.device) if factor is None else factor
-        self._grad_norm = sumsq.sqrt() * factor
-        return factor * (self.max_grad_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
+    def _clip_coefficient(self) -> torch.Tensor:
+        """min(1, max_grad_norm / (grad_norm + 1e-6)): clip_grad_norm_'s formula."""
+        return (self.max_grad_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
 
     def _close_window(self) -> None:
         touched = self.optimizer._reconcile()
@@ -564,10 +563,9 @@ class GradAccumulator:
                 factor = (1.0 / self._items.clamp_min(1)).float()
             if self._scale is not None:
                 factor = factor / self._scale
+            self._grad_norm = sumsq.sqrt() * factor
             if self.max_grad_norm is not None:
-                factor = self._clip_coefficient(sumsq, factor)
-            else:
-                self._grad_norm = sumsq.sqrt() * factor
+                factor = factor * self._clip_coefficient()
             self._found_inf = found_inf
             self.optimizer._fused_step(
                 touched,
