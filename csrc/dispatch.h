@@ -51,6 +51,32 @@ inline void check_step_tensors(const char* op, const at::Tensor& param, const at
   }
 }
 
+inline bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+// Every argument check of fusedaccum_C::accumulate, CPU or CUDA: the public op calls the
+// compiled kernel without checking in Python first (a list of thousands of gradients), and
+// explains a refusal afterwards, so nothing the Python checks refuse may get through here.
+inline void check_accumulate_args(const at::Tensor& arena, at::TensorList grads, at::IntArrayRef offsets,
+                                  const std::optional<at::Tensor>& sumsq, const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(arena.layout() == at::kStrided && arena.dim() == 1 && arena.is_contiguous() &&
+                  is_float_type(arena.scalar_type()),
+              "accumulate: the arena must be a flat contiguous float32/bfloat16/float16 tensor");
+  TORCH_CHECK(grads.size() == offsets.size(), "accumulate: one offset per gradient");
+  const int64_t size = arena.numel();
+  const at::Device device = arena.device();
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(g.layout() == at::kStrided && is_float_type(g.scalar_type()) && g.device() == device,
+                "accumulate: gradient ", i, " must be a dense float32/bfloat16/float16 tensor on the arena's device");
+    TORCH_CHECK(offsets[i] >= 0 && offsets[i] <= size - g.numel(), "accumulate: gradient ", i,
+                " does not fit in the arena at offset ", offsets[i]);
+  }
+  for (const std::optional<at::Tensor>* t : {&sumsq, &found_inf}) {
+    TORCH_CHECK(!t->has_value() || ((*t)->device() == device && (*t)->scalar_type() == at::kFloat && (*t)->numel() == 1),
+                "accumulate: sumsq and found_inf must be one-element float32 tensors on the arena's device");
+  }
+}
+
 // Reads a one-element float tensor that lives on the CPU (step count, factor, flag).
 inline float read_cpu_scalar(const at::Tensor& t) {
   return t.to(at::kFloat).item<float>();

@@ -4,16 +4,7 @@
 // These are the kernels behind the public ops fusedaccum::<op>, whose schemas, fake
 // kernels, argument checks and backend table live in fusedaccum/ops/<op>.py. The schemas
 // here must equal those (tests/test_ops.py checks it).
-#include <Python.h>
 #include <torch/library.h>
-
-extern "C" {
-// `import fusedaccum._C` loads this library, which runs the registrations below.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(fusedaccum_C, m) {
   m.def(

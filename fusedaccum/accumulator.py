@@ -15,6 +15,10 @@ Two ways in:
   (bucketed, one launch per bucket) and their memory released at once.
 
 Per window, a parameter's first fold overwrites its slice of the arena, so nothing is zeroed.
+
+The per-gradient work (hook, bucket, release of p.grad, launch of the fold) runs in C++:
+fusedaccum._C.Window (csrc/window.cpp), one per arena whose gradients are taken over. This file
+decides what a window is and when it closes; the Window files and folds.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import weakref
 
 import torch
 
+from fusedaccum import dispatch
 from fusedaccum.arena import Arena
 from fusedaccum.ops.accumulate import DENSE_ONLY
 from fusedaccum.optim import FusedOptimizer
@@ -36,20 +41,44 @@ DEFAULT_BUCKET_NUMEL = 1 << 24  # elements per launch of folding; a larger param
 ACCUM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _call_if_alive(accumulator: weakref.ref, window: int, i: int, p: torch.Tensor) -> None:
-    # Hooks live on the parameters, where the garbage collector cannot see them: a hook that
-    # held the accumulator or its windows (which hold the parameters) would keep them all alive
-    # forever. With a weak reference a dropped accumulator and optimizer are freed, and the
-    # parameters can join a new fusedaccum optimizer.
+def _explain(arena: Arena, kind: str, i: int) -> str:
+    """The message of an error found by the C++ hook on parameter i of `arena`."""
+    p = arena.params[i]
+    if kind == "param":
+        return arena.param_error(i)
+    if kind == "sparse":
+        return f"a parameter got a {p.grad.layout} gradient; {DENSE_ONLY}"
+    if kind == "grad":
+        return (f"parameter {i} of param group {arena.group_index} got a {p.grad.dtype} gradient on {p.grad.device}; "
+                f"fusedaccum accumulates float32, bfloat16 and float16 gradients on the parameter's device ({arena.device})")
+    return (
+        "a parameter managed by a full-path GradAccumulator got a gradient outside acc.backward(): "
+        "call acc.backward(loss) instead of loss.backward() (it applies 1/N itself)"
+    )
+
+
+def _queue_end_of_backward_if_alive(accumulator: weakref.ref) -> None:
+    # Called by a Window's hook: a weak reference, so that the hooks on the parameters do not
+    # keep a dropped accumulator (and its optimizer) alive.
     acc = accumulator()
     if acc is not None:
-        acc._on_grad(acc._windows[window], i, p)
+        acc._queue_end_of_backward()
 
 
-def _remove_hooks(handles: list) -> None:
-    for handle in handles:
-        handle.remove()
-    handles.clear()
+def _remove_hooks(windows: list) -> None:
+    for w in windows:
+        w.remove_hooks()
+
+
+def _extension():
+    if not dispatch.extension_loaded():
+        raise RuntimeError(
+            "fa.GradAccumulator needs the compiled extension fusedaccum._C (its gradient hooks are C++), which did not "
+            "load; reinstall with `pip install --no-build-isolation .` after torch"
+        )
+    from fusedaccum import _C
+
+    return _C
 
 
 def _queue_callback(fn) -> None:
@@ -60,33 +89,6 @@ def _queue_callback(fn) -> None:
             "fusedaccum optimizer without a GradAccumulator (its step reads p.grad)."
         )
     torch.autograd.Variable._execution_engine.queue_callback(fn)
-
-
-class _Window:
-    """The accumulator's per-arena window state (arenas whose gradients it takes over)."""
-
-    def __init__(self, arena: Arena, bucket_numel: int):
-        n = len(arena.params)
-        self.arena = arena
-        self.grad_views = arena.views(arena.grad)
-        self.touched = [False] * n  # received a gradient in this window
-        self.touched_last = [False] * n  # ... in the last micro-batch (its fold computed the norm)
-        self.hooked = [False] * n
-        self.bucket_of, self.bucket_size, size = [], [], 0
-        for numel in arena.numels:
-            if not self.bucket_size or size + numel > bucket_numel:
-                self.bucket_size.append(0)
-                size = 0
-            self.bucket_of.append(len(self.bucket_size) - 1)
-            size += numel
-        self.pending: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.bucket_size]  # full path
-        self.deferred: list[int] = []  # swap-in: parameters whose p.grad is folded at the end of backward
-
-    def restart(self) -> None:
-        n = len(self.touched)
-        self.touched, self.touched_last = [False] * n, [False] * n
-        self.pending = [[] for _ in self.bucket_size]
-        self.deferred = []
 
 
 class GradAccumulator:
@@ -146,14 +148,12 @@ class GradAccumulator:
             self._growth_tracker = torch.zeros((), dtype=torch.int32, device=self.device)
             self._growth = (growth_factor, backoff_factor, growth_interval)
 
-        self._windows: list[_Window] = []
-        self._window_of: dict[int, _Window] = {}  # id(arena) -> its window
-        self._handles: list = []
+        self._windows: list = []  # fusedaccum._C.Window, one per arena whose gradients are taken over
+        self._window_of: dict[int, object] = {}  # id(arena) -> its window
         # Hooks off the parameters when this accumulator is dropped (garbage-collected).
-        weakref.finalize(self, _remove_hooks, self._handles)
+        weakref.finalize(self, _remove_hooks, self._windows)
         self._detached = False
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._in_backward = False
         self._closing = False  # acc.step() is running optimizer.step()
         self._callback_queued = False
         self._stats_now = False
@@ -198,8 +198,7 @@ class GradAccumulator:
                 "every call of a window (loss = sum over items) or to none (loss = mean)"
             )
         self._adopt_new_params()
-        for w in self._windows:
-            self._check_untouched_grads(w)
+        self._check_untouched_grads()
         self._stats_now = self._micro_step == n - 1
         if self._stats_now:
             for sumsq, found_inf in self._stats.values():
@@ -208,12 +207,16 @@ class GradAccumulator:
         self._fold_scale = 1.0 if uses_items else 1.0 / n
         if self._scale is not None:
             loss = loss * self._scale
-        self._in_backward = True
+        self._set_mode(in_backward=True)
         try:
             loss.backward(**backward_kwargs)
         finally:
-            self._in_backward = False
-            self._flush_all()
+            self._set_mode(in_backward=False)
+            for w in self._windows:
+                w.flush_all()
+        # After backward (and every end-of-backward callback, DistributedDataParallel's
+        # all-reduce among them): a p.grad now did not come through the hooks.
+        self._check_untouched_grads()
         if uses_items:
             # On the device, whatever num_items is: adding a Python number is a kernel with a
             # scalar argument, so no copy from the host happens (and a window can be captured).
@@ -242,8 +245,7 @@ class GradAccumulator:
         the next micro-batch starts a new window (e.g. after an exception inside acc.backward())."""
         self._check_attached()
         for w in self._windows:
-            for i in w.deferred:
-                w.arena.params[i].grad = None
+            w.drop_deferred()
             w.restart()
         self._reset_counts()
         self._callback_queued = False
@@ -278,7 +280,7 @@ class GradAccumulator:
             "micro_step": self._micro_step,
             "uses_items": self._uses_items,
             "items": self._items.clone(),
-            "touched": [list(w.touched) for w in self._windows],
+            "touched": [w.touched for w in self._windows],
             "grads": [w.arena.grad for w in self._windows],
             "loss_scale": None if self._scale is None else (self._scale, self._growth_tracker),
         }
@@ -294,7 +296,7 @@ class GradAccumulator:
             for w, touched, grad in zip(self._windows, state["touched"], state["grads"]):
                 w.restart()
                 w.arena.grad.copy_(grad)
-                w.touched = list(touched)
+                w.set_touched(list(touched))
         if state["loss_scale"] is not None and self._scale is not None:
             self._scale.copy_(state["loss_scale"][0])
             self._growth_tracker.copy_(state["loss_scale"][1])
@@ -307,34 +309,31 @@ class GradAccumulator:
             arena.ensure_grad(dtype)
             if not self.full and arena.grad.dtype == arena.dtype:
                 continue  # swap-in with visible gradients: p.grad is torch's, the step reads it
-            w = _Window(arena, self._bucket_numel)
-            self._windows.append(w)
-            self._window_of[id(arena)] = w
             if arena.device not in self._stats:  # (sum of squares, non-finite flag) of the last fold
                 sumsq = torch.zeros((), dtype=torch.float32, device=arena.device)
                 self._stats[arena.device] = (sumsq, torch.zeros_like(sumsq))
-            for i in range(len(arena.params)):
-                self._hook(w, i)
-
-    def _hook(self, w: _Window, i: int) -> None:
-        p = w.arena.params[i]
-        if w.hooked[i] or not p.requires_grad:
-            return
-        hook = functools.partial(_call_if_alive, weakref.ref(self), self._windows.index(w), i)
-        self._handles.append(p.register_post_accumulate_grad_hook(hook))
-        w.hooked[i] = True
-        w.bucket_size[w.bucket_of[i]] += 1
+            w = _extension().Window(
+                arena.grad, arena.params, arena.offsets, self._bucket_numel, self.full, *self._stats[arena.device],
+                functools.partial(_explain, arena), functools.partial(_queue_end_of_backward_if_alive, weakref.ref(self)),
+            )
+            w.arena, w.grad_views = arena, arena.views(arena.grad)
+            self._windows.append(w)
+            self._window_of[id(arena)] = w
+            w.hook_all()
 
     def _adopt_new_params(self) -> None:
         """Hooks parameters that started requiring grad after the accumulator was created."""
         for w in self._windows:
-            if not all(w.hooked):
-                for i in range(len(w.hooked)):
-                    self._hook(w, i)
+            w.hook_all()
+
+    def _set_mode(self, in_backward: bool) -> None:
+        for w in self._windows:
+            native = dispatch.backend_for(w.arena.device) in ("cpp", "cuda")
+            w.set_mode(self._fold_scale, self._stats_now, in_backward, native)
 
     def _detach(self) -> None:
         """Takes this accumulator's hooks off the parameters; it can no longer be used."""
-        _remove_hooks(self._handles)
+        _remove_hooks(self._windows)
         self._detached = True
         if self.optimizer._accumulator is self:
             self.optimizer._accumulator = None
@@ -346,33 +345,10 @@ class GradAccumulator:
                 "its parameters): use the newer one"
             )
 
-    # -- folding ---------------------------------------------------------------------------
-
-    def _on_grad(self, w: _Window, i: int, p: torch.Tensor) -> None:
-        g = p.grad
-        if g is None:
-            return
-        w.arena.check_param(i)  # a model converted after the optimizer was built, named as such
-        if g.layout != torch.strided:
-            raise ValueError(f"a parameter got a {g.layout} gradient; {DENSE_ONLY}")
-        if not self.full:
-            # Folded at the very end of backward, once whatever else reads p.grad there has run.
-            w.deferred.append(i)
-            self._queue_end_of_backward()
-            return
-        if not self._in_backward:
-            raise RuntimeError(
-                "a parameter managed by a full-path GradAccumulator got a gradient outside acc.backward(): "
-                "call acc.backward(loss) instead of loss.backward() (it applies 1/N itself)"
-            )
-        p.grad = None
-        b = w.bucket_of[i]
-        w.pending[b].append((i, g))
-        self._queue_end_of_backward()
-        if len(w.pending[b]) == w.bucket_size[b]:
-            self._flush(w, b)
+    # -- folding (the per-gradient work is fusedaccum._C.Window's) -------------------------
 
     def _queue_end_of_backward(self) -> None:
+        """Swap-in with hidden gradients: fold p.grad once the backward is over."""
         if not self._callback_queued:
             self._callback_queued = True
             # Queued again from inside: runs after every callback queued during this backward
@@ -381,22 +357,17 @@ class GradAccumulator:
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
-        self._flush_all()
-        with torch.no_grad():
-            for w in self._windows:
-                if self.full:
-                    self._check_untouched_grads(w)
-                    continue
-                params = w.arena.params
-                items = [(i, params[i].grad) for i in dict.fromkeys(w.deferred) if params[i].grad is not None]
-                w.deferred = []
-                self._fold(w, items)
-                for i, _ in items:
-                    params[i].grad = None
+        self._fold_scale, self._stats_now = 1.0, False
+        self._set_mode(in_backward=False)
+        for w in self._windows:
+            w.fold_deferred()
 
-    def _check_untouched_grads(self, w: _Window) -> None:
-        for p in w.arena.params:
-            if p.grad is not None:
+    def _check_untouched_grads(self, w=None) -> None:
+        for w in self._windows if w is None else [w]:
+            if w.first_grad() >= 0:
+                # A parameter converted to another dtype or device gets a new AccumulateGrad
+                # node, without the hook: say that, not that the gradient came from elsewhere.
+                w.arena.check_params()
                 raise RuntimeError(
                     "a parameter of a full-path GradAccumulator has a p.grad that did not come through acc.backward(): "
                     "it was written after the accumulator took the gradient (DistributedDataParallel does this when it "
@@ -405,47 +376,6 @@ class GradAccumulator:
                     "once available, the native data-parallel path (GradAccumulator(..., process_group=...)) on the "
                     "unwrapped model; otherwise call acc.zero_grad() to drop stray gradients."
                 )
-
-    def _flush(self, w: _Window, b: int) -> None:
-        items, w.pending[b] = w.pending[b], []
-        # A parameter can contribute several times in one backward (a layer shared across
-        # reentrant checkpoints): each later contribution is its own fold, never a second
-        # write to the same slice within one launch.
-        while items:
-            seen, now, later = set(), [], []
-            for i, g in items:
-                (later if i in seen else now).append((i, g))
-                seen.add(i)
-            self._fold(w, now)
-            items = later
-
-    def _fold(self, w: _Window, items: list[tuple[int, torch.Tensor]]) -> None:
-        """First contribution of the window overwrites its slice, the others add."""
-        if not items:
-            return
-        sumsq, found_inf = self._stats[w.arena.device] if self._stats_now else (None, None)
-        if sumsq is not None:
-            for i, _ in items:
-                if w.touched_last[i]:  # folded before in this micro-batch: its old square leaves the sum
-                    sumsq.sub_(w.grad_views[i].double().square().sum().float())
-        overwrites = [(i, g) for i, g in items if not w.touched[i]]
-        adds = [(i, g) for i, g in items if w.touched[i]]
-        with torch.no_grad():
-            for first, part in ((True, overwrites), (False, adds)):
-                if part:
-                    torch.ops.fusedaccum.accumulate(
-                        w.arena.grad, [g for _, g in part], [w.arena.offsets[i] for i, _ in part],
-                        self._fold_scale, first, sumsq, found_inf,
-                    )
-        for i, _ in items:
-            w.touched[i] = True
-            w.touched_last[i] = self._stats_now
-
-    def _flush_all(self) -> None:
-        for w in self._windows:
-            for b, pending in enumerate(w.pending):
-                if pending:
-                    self._flush(w, b)
 
     # -- window boundaries --------------------------------------------------------------
 
@@ -456,8 +386,7 @@ class GradAccumulator:
 
     def _clear_grads(self) -> None:
         for w in self._windows:
-            for p in w.arena.params:
-                p.grad = None
+            w.clear_grads()
 
     def _collect(self, arena: Arena) -> list[bool]:
         """The optimizer's _reconcile asks which parameters of `arena` step, and with what gradient."""
@@ -466,11 +395,12 @@ class GradAccumulator:
             return self.optimizer._gather_grads(arena)  # visible gradients: p.grad is the truth
         if self.full:
             self._check_untouched_grads(w)
-            return list(w.touched)
+            return w.touched
         # Hidden: a p.grad set by hand after the last backward joins the window (and stays, as in torch).
-        items = [(i, p.grad) for i, p in enumerate(arena.params) if p.grad is not None]
-        self._fold(w, items)
-        return list(w.touched)
+        self._fold_scale, self._stats_now = 1.0, False
+        self._set_mode(in_backward=False)
+        w.fold_grads_of(w.with_grad())
+        return w.touched
 
     def _optimizer_step(self) -> None:
         self._check_attached()
@@ -486,7 +416,7 @@ class GradAccumulator:
         self._fold_scale, self._stats_now = 1.0, False
         touched = self.optimizer._reconcile()
         factor, found_inf = self.optimizer._grad_scaler_inputs()
-        if (factor or found_inf) and any(any(w.touched) for w in self._windows):
+        if (factor or found_inf) and any(w.any_touched() for w in self._windows):
             raise RuntimeError(
                 "torch.amp.GradScaler cannot see the gradients this GradAccumulator hides (bf16/fp16 parameters, fp32 "
                 "arena): it would step with scaled gradients and miss overflows. Use the full path's own loss scaling, "
@@ -515,7 +445,7 @@ class GradAccumulator:
             w.restart()
 
     def _warn_hidden_once(self) -> None:
-        if self._warned_hidden or self.max_grad_norm is not None or not any(any(w.touched) for w in self._windows):
+        if self._warned_hidden or self.max_grad_norm is not None or not any(w.any_touched() for w in self._windows):
             return
         self._warned_hidden = True
         dtypes = sorted({str(w.arena.dtype).replace("torch.", "") for w in self._windows})
@@ -550,8 +480,8 @@ class GradAccumulator:
             # Norm and inf flag of parameters whose last gradient came before the last micro-batch.
             for w in self._windows:
                 sumsq, found_inf = self._stats[w.arena.device]
-                for i in range(len(w.arena.params)):
-                    if w.touched[i] and not w.touched_last[i]:
+                for i, (t, t_last) in enumerate(zip(w.touched, w.touched_last)):
+                    if t and not t_last:
                         add_sum_of_squares(w.grad_views[i], sumsq, found_inf)
             devices = list(self._stats)
             sumsq = sum(self._stats[d][0].to(self.device) for d in devices)

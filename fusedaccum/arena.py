@@ -93,9 +93,12 @@ class Arena:
     def check_param(self, i: int) -> None:
         """Raises if parameter i no longer lives in this arena (converted, moved or replaced)."""
         p = self.params[i]
-        if p.data_ptr() == self.data_ptrs[i] and p.dtype == self.dtype:
-            return
-        raise RuntimeError(
+        if p.data_ptr() != self.data_ptrs[i] or p.dtype != self.dtype:
+            raise RuntimeError(self.param_error(i))
+
+    def param_error(self, i: int) -> str:
+        p = self.params[i]
+        return (
             f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) was converted, moved or "
             f"replaced after its fusedaccum optimizer was built: it is now {p.dtype} on {p.device}, its optimizer "
             f"holds it as {self.dtype} on {self.device} (model.to(dtype/device), model.half(), .data = ..., "

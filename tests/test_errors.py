@@ -42,7 +42,7 @@ def test_a_second_accumulator_replaces_the_first():
     opt = fa.Adam(m.parameters())
     old = fa.GradAccumulator(opt)
     new = fa.GradAccumulator(opt)
-    assert opt._accumulator is new and not old._handles, "the replaced accumulator's hooks are off the parameters"
+    assert opt._accumulator is new and not any(any(w.hooked) for w in old._windows), "the replaced accumulator's hooks are off the parameters"
     with pytest.raises(RuntimeError, match="replaced"):
         old.zero_grad()
 

@@ -159,7 +159,11 @@ def assert_state_dicts(ref_opt, opt, rtol=1e-6, atol=1e-6):
 
 
 def hooks_on(model):
-    return sum(len(p._post_accumulate_grad_hooks or {}) + len(p._backward_hooks or {}) for p in model.parameters())
+    """Python hooks on the parameters plus the accumulator's C++ hooks on their AccumulateGrad nodes."""
+    from fusedaccum import _C
+
+    return sum(len(p._post_accumulate_grad_hooks or {}) + len(p._backward_hooks or {}) + _C.fold_hooks_on(p)
+               for p in model.parameters())
 
 
 # -- 1. the window ends at optimizer.step() ----------------------------------------------------
@@ -836,7 +840,7 @@ def test_dropped_and_replaced_accumulators_take_their_hooks_off(mode):
     opt = fa.SGD(model.parameters(), lr=0.25, **fa_kw)
     acc = fa.GradAccumulator(opt, **acc_kw)
     live = hooks_on(model)
-    assert live > 0, "this test counts p._post_accumulate_grad_hooks / p._backward_hooks: update it if hooks move"
+    assert live > 0, "this test counts p._post_accumulate_grad_hooks / p._backward_hooks / fold_hooks_on: update it if hooks move"
 
     for _ in range(200):  # replaced on the same optimizer
         old, acc = acc, fa.GradAccumulator(opt, **acc_kw)

@@ -4,13 +4,19 @@
 
 in fp32, rounded once to the arena dtype, with one launch per gradient dtype (usually one).
 
-The gradients are read in place through a table of their addresses (an int64 tensor cast to
-pointers in the kernel), and the work is a list of fixed-size blocks (gradient, start): a
-program folds one block. The block list depends only on the sizes and offsets, so it is built
-once per layout and cached on the device; per call only the address table is copied (pinned,
-asynchronously). The address-table pointer cast also works under TRITON_INTERPRET=1 on CPU
-tensors (checked with triton 3.8), so the interpreter runs this same single launch: there is
-no per-gradient fallback.
+The gradients are read in place through a table with one row per gradient: (address, arena
+offset, numel, first block). A program folds one block of BLOCK elements and finds its row by
+binary search over the first-block column. The table is built per call (no cache to outgrow
+or to free under a graph) and reaches the device without a host sync:
+
+* eagerly, as one pinned, asynchronous copy;
+* under CUDA graph capture, where a copy would read host memory on every replay (memory that
+  must then outlive the graph), written by small kernels whose arguments are the table's
+  words: the captured graph owns the table's content, and the table itself is an ordinary
+  allocation of the graph's pool, rewritten before each replay reads it.
+
+The address cast also works under TRITON_INTERPRET=1 on CPU tensors (checked with triton 3.8),
+so the interpreter runs this same launch: there is no per-gradient fallback.
 
 Statistics: with sumsq/found_inf each program writes the fp64 sum of squares of the values
 it stored (after rounding to the arena dtype) to its own slot of a partials buffer; torch sums
@@ -19,8 +25,6 @@ no host sync. A double sum of squares of finite floats cannot overflow, so a non
 means a NaN or an inf was stored.
 """
 from __future__ import annotations
-
-from collections import OrderedDict
 
 import torch
 import triton
@@ -74,19 +78,30 @@ def _fold_block(arena_ptr, arena_pos, g_addr, count, scale,
     return sq
 
 
+ROW_WORDS = 4  # table row: gradient address, arena offset, numel, first block
+
+
 @triton.jit
-def _accumulate_kernel(arena_ptr, grad_addrs, grad_meta, work_ptr, partials_ptr, scale,
+def _accumulate_kernel(arena_ptr, table_ptr, num_rows, partials_ptr, scale,
                        GRAD_DTYPE: tl.constexpr, FIRST: tl.constexpr, STATS: tl.constexpr,
                        ARENA_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    # int64 before any multiply: arenas and block lists may pass 2**31 elements.
+    # int64 before any multiply: arenas and block counts may pass 2**31 elements.
     pid = tl.program_id(0).to(tl.int64)
-    gi = tl.load(work_ptr + 2 * pid)  # the block: gradient (index in this launch's group) ...
-    start = tl.load(work_ptr + 2 * pid + 1)  # ... and its first element in that gradient
-    arena_pos = tl.load(grad_meta + 2 * gi) + start  # the gradient's arena offset
-    count = tl.minimum(tl.load(grad_meta + 2 * gi + 1) - start, BLOCK)  # its numel
+    # The row whose blocks include this one: the last row whose first block is <= pid.
+    lo = tl.zeros((), tl.int64)
+    hi = num_rows.to(tl.int64) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        below = tl.load(table_ptr + 4 * mid + 3) <= pid
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid - 1)
+    row = table_ptr + 4 * lo
+    start = (pid - tl.load(row + 3)) * BLOCK  # first element of this block in its gradient
+    arena_pos = tl.load(row + 1) + start
+    count = tl.minimum(tl.load(row + 2) - start, BLOCK)
     G_BYTES: tl.constexpr = GRAD_DTYPE.primitive_bitwidth // 8
     A_BYTES: tl.constexpr = arena_ptr.dtype.element_ty.primitive_bitwidth // 8
-    g_addr = tl.load(grad_addrs + gi) + start * G_BYTES
+    g_addr = tl.load(row) + start * G_BYTES
     if ARENA_ALIGNED:
         # Most blocks are whole and aligned (torch allocations are; arena offsets usually are).
         # Tails and gradients at odd addresses (views with a storage offset) take the masked
@@ -105,48 +120,48 @@ def _accumulate_kernel(arena_ptr, grad_addrs, grad_meta, work_ptr, partials_ptr,
         tl.store(partials_ptr + pid, sq)
 
 
-# (device, numels, offsets) -> (work, meta) on that device: work is int64 [blocks, 2] (gradient
-# index, start), meta int64 [gradients, 2] (arena offset, numel). Both depend only on the
-# layout, which repeats every micro-batch: built once, a handful of entries kept.
-_LAYOUT_CACHE: OrderedDict = OrderedDict()
-_LAYOUT_CACHE_SIZE = 32
+# Under capture the table is written by kernels that carry its words as arguments. Every word
+# is passed biased into [2**31, 2**63) so that Triton types all of them int64 (it picks int32
+# for small values, which would compile one variant per pattern), and none is specialized.
+WORDS_PER_WRITE = 16
+_BIAS = 1 << 40
 
 
-def _layout(device: torch.device, numels: tuple, offsets: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (device, numels, offsets)
-    hit = _LAYOUT_CACHE.get(key)
-    if hit is not None:
-        _LAYOUT_CACHE.move_to_end(key)
-        return hit
-    n = torch.tensor(numels, dtype=torch.int64)
-    blocks = (n + BLOCK - 1) // BLOCK
-    gi = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), blocks)
-    first_block = torch.cumsum(blocks, 0) - blocks
-    start = (torch.arange(gi.numel(), dtype=torch.int64) - first_block[gi]) * BLOCK
-    work = _to_device(torch.stack([gi, start], dim=1).contiguous(), device)
-    meta = _to_device(torch.stack([torch.tensor(offsets, dtype=torch.int64), n], dim=1).contiguous(), device)
-    _LAYOUT_CACHE[key] = (work, meta)
-    if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
-        _LAYOUT_CACHE.popitem(last=False)
-    return work, meta
+@triton.jit(do_not_specialize=[f"w{k}" for k in range(WORDS_PER_WRITE)])
+def _write_words(dst, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15):
+    BIAS: tl.constexpr = 1 << 40
+    tl.store(dst + 0, w0 - BIAS)
+    tl.store(dst + 1, w1 - BIAS)
+    tl.store(dst + 2, w2 - BIAS)
+    tl.store(dst + 3, w3 - BIAS)
+    tl.store(dst + 4, w4 - BIAS)
+    tl.store(dst + 5, w5 - BIAS)
+    tl.store(dst + 6, w6 - BIAS)
+    tl.store(dst + 7, w7 - BIAS)
+    tl.store(dst + 8, w8 - BIAS)
+    tl.store(dst + 9, w9 - BIAS)
+    tl.store(dst + 10, w10 - BIAS)
+    tl.store(dst + 11, w11 - BIAS)
+    tl.store(dst + 12, w12 - BIAS)
+    tl.store(dst + 13, w13 - BIAS)
+    tl.store(dst + 14, w14 - BIAS)
+    tl.store(dst + 15, w15 - BIAS)
 
 
-# Tables copied while a CUDA graph was being captured: every replay copies from the same host
-# address again, so those must live as long as the process (one per captured launch).
-_CAPTURED_TABLES: list[torch.Tensor] = []
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type != "cuda":
-        return t
-    if torch.cuda.is_current_stream_capturing():
-        # pin_memory() may query events to recycle blocks, which global-mode capture forbids;
-        # a plain host tensor kept alive forever is what the captured copy node reads.
-        _CAPTURED_TABLES.append(t)
-        return t.to(device, non_blocking=True)
-    # Pinned and non_blocking: no host sync. The caching host allocator keeps the pinned block
-    # until the copy has run, so it is safe to drop it right away.
-    return t.pin_memory().to(device, non_blocking=True)
+def table_on_device(words: list[int], device: torch.device, capturing: bool) -> torch.Tensor:
+    """The int64 table `words` on `device`, with no host sync (see the module docstring)."""
+    host = torch.tensor(words, dtype=torch.int64)
+    if device.type != "cuda" and not capturing:
+        return host
+    if not capturing:
+        # Pinned and non_blocking: the caching host allocator keeps the pinned block until the
+        # copy has run, so it is safe to drop it right away.
+        return host.pin_memory().to(device, non_blocking=True)
+    padded = words + [0] * (-len(words) % WORDS_PER_WRITE)
+    table = torch.empty(len(padded), dtype=torch.int64, device=device)
+    for k in range(0, len(padded), WORDS_PER_WRITE):
+        _write_words[(1,)](table[k:], *(w + _BIAS for w in padded[k:k + WORDS_PER_WRITE]))
+    return table[: len(words)]
 
 
 def accumulate(arena, grads, offsets, scale, first, sumsq, found_inf) -> None:
@@ -162,26 +177,29 @@ def accumulate(arena, grads, offsets, scale, first, sumsq, found_inf) -> None:
         return  # nothing stored: the sum of squares is 0 and found_inf stays as it is
 
     device = arena.device
-    layouts = [_layout(device, tuple(g.numel() for g, _ in items), tuple(off for _, off in items))
-               for items in groups.values()]
-    # One address table for all groups (a single copy to the device); each launch gets its slice.
-    addrs = _to_device(torch.tensor([g.data_ptr() for items in groups.values() for g, _ in items],
-                                    dtype=torch.int64), device)
-    total_blocks = sum(work.shape[0] for work, _ in layouts)
-    # Without statistics nothing is written there: any pointer fills the slot.
-    partials = torch.empty(total_blocks, dtype=torch.float64, device=device) if stats else addrs
-
-    arena_aligned = arena.data_ptr() % 16 == 0
-    first_grad = first_block = 0
+    # One table for all groups (one copy to the device); launch k reads rows from its first.
+    words, launches = [], []
+    for dtype, items in groups.items():
+        blocks = 0
+        launches.append((dtype, len(words) // ROW_WORDS, len(items)))
+        for g, off in items:
+            words += (g.data_ptr(), off, g.numel(), blocks)
+            blocks += -(-g.numel() // BLOCK)
+        launches[-1] += (blocks,)
     with device_guard(arena):
-        for (dtype, items), (work, meta) in zip(groups.items(), layouts):
-            nblocks = work.shape[0]
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        table = table_on_device(words, device, capturing)
+        total_blocks = sum(nblocks for *_, nblocks in launches)
+        # Without statistics nothing is written there: any pointer fills the slot.
+        partials = torch.empty(total_blocks, dtype=torch.float64, device=device) if stats else table
+        arena_aligned = arena.data_ptr() % 16 == 0
+        first_block = 0
+        for dtype, first_row, num_rows, nblocks in launches:
             _accumulate_kernel[(nblocks,)](
-                arena, addrs[first_grad:], meta, work, partials[first_block:] if stats else partials, float(scale),
-                GRAD_DTYPE=TL_DTYPES[dtype], FIRST=bool(first), STATS=stats,
+                arena, table[first_row * ROW_WORDS:], num_rows, partials[first_block:] if stats else partials,
+                float(scale), GRAD_DTYPE=TL_DTYPES[dtype], FIRST=bool(first), STATS=stats,
                 ARENA_ALIGNED=arena_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
             )
-            first_grad += len(items)
             first_block += nblocks
 
     if stats:

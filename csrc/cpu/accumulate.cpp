@@ -70,17 +70,24 @@ double fold_piece(A* acc, const G* g, int64_t n, float scale, bool first, bool s
 void accumulate_cpu(const at::Tensor& arena, at::TensorList grads, at::IntArrayRef offsets,
                     double scale, bool first, const std::optional<at::Tensor>& sumsq,
                     const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(arena.is_contiguous() && arena.dim() == 1, "accumulate: arena must be a flat contiguous tensor");
-  TORCH_CHECK(grads.size() == offsets.size(), "accumulate: one offset per gradient");
+  check_accumulate_args(arena, grads, offsets, sumsq, found_inf);
 
-  std::vector<at::Tensor> flat;  // contiguous views (a copy only for non-contiguous grads)
+  // Contiguous gradients are read where they are (no new tensor per gradient: with thousands
+  // of small gradients the host work per gradient is what a call costs).
+  std::vector<at::Tensor> copies;  // contiguous copies of the others
+  std::vector<const void*> data(grads.size());
   std::vector<Piece> pieces;
-  flat.reserve(grads.size());
+  int64_t total_elems = 0;
   for (size_t i = 0; i < grads.size(); ++i) {
     const int64_t n = grads[i].numel();
-    TORCH_CHECK(offsets[i] >= 0 && offsets[i] + n <= arena.numel(), "accumulate: gradient ", i,
-                " does not fit in the arena at offset ", offsets[i]);
-    flat.push_back(grads[i].contiguous().view(-1));
+    if (n == 0) continue;
+    total_elems += n;
+    if (grads[i].is_contiguous()) {
+      data[i] = grads[i].const_data_ptr();
+    } else {
+      copies.push_back(grads[i].contiguous());
+      data[i] = copies.back().const_data_ptr();
+    }
     for (int64_t b = 0; b < n; b += kPiece) {
       pieces.push_back({static_cast<int64_t>(i), b, std::min(n, b + kPiece)});
     }
@@ -92,17 +99,22 @@ void accumulate_cpu(const at::Tensor& arena, at::TensorList grads, at::IntArrayR
   FUSEDACCUM_DISPATCH_FLOAT_TYPES(arena.scalar_type(), "accumulate_cpu", [&] {
     using acc_t = scalar_t;
     acc_t* acc = arena.data_ptr<acc_t>();
-    at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t lo, int64_t hi) {
+    auto fold_pieces = [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
         const Piece& pc = pieces[k];
-        const at::Tensor& g = flat[pc.grad];
         acc_t* dst = acc + offsets[pc.grad] + pc.begin;
-        FUSEDACCUM_DISPATCH_FLOAT_TYPES(g.scalar_type(), "accumulate_cpu_grad", [&] {
-          partial[k] = fold_piece(dst, g.data_ptr<scalar_t>() + pc.begin, pc.end - pc.begin,
+        FUSEDACCUM_DISPATCH_FLOAT_TYPES(grads[pc.grad].scalar_type(), "accumulate_cpu_grad", [&] {
+          partial[k] = fold_piece(dst, static_cast<const scalar_t*>(data[pc.grad]) + pc.begin, pc.end - pc.begin,
                                   scale_f, first, stats);
         });
       }
-    });
+    };
+    // Waking the thread pool costs more than folding a few pages.
+    if (total_elems < kPiece) {
+      fold_pieces(0, static_cast<int64_t>(pieces.size()));
+    } else {
+      at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, fold_pieces);
+    }
   });
 
   if (!stats) return;

@@ -1,31 +1,28 @@
 // fusedaccum_C::accumulate on CUDA: fold a list of gradients into a flat arena,
-// acc = (first ? 0 : acc) + scale * g, in one launch per gradient dtype, optionally adding
-// the sum of squares of the result to `sumsq` and raising `found_inf` when it is not finite.
+// acc = (first ? 0 : acc) + scale * g, in one launch per gradient dtype (and per 1,000
+// gradients), optionally adding the sum of squares of the result to `sumsq` and raising
+// `found_inf` when it is not finite.
 //
-// The gradients stay where they are: the host writes a table of (pointer, numel, arena
-// offset) rows and (row, start) chunks into pinned memory and ships it with one async copy,
-// so the gradient count is unbounded (no 4 KB kernel-parameter table as in apex's
-// multi_tensor_apply) and nothing waits on the host. Each block takes chunks grid-stride.
+// The gradients stay where they are. Their table (address, numel, arena offset, first chunk)
+// travels as the kernel's parameter (a __grid_constant__ struct of up to ~28 KB, which CUDA
+// 12.1+ allows), so a call copies nothing from the host: no pinned staging, no H2D copy, and
+// under CUDA graph capture the table is part of the captured kernel node, owned by the graph.
+// A block finds its chunk's gradient by binary search over the first-chunk prefix (uniform
+// across the block, so the reads are constant-cache broadcasts).
 //
 // The statistics never use atomics on the sum: each thread keeps a double, each block writes
-// its partial to the table, and the last block to finish adds the partials in block order.
+// its partial to a workspace, and the last block to finish adds the partials in block order.
 // Grid and chunking depend only on the inputs and the SM count, so the result is identical
-// from run to run. Launches of one call (one per grad dtype) chain their totals through a
-// double in the table; the last one updates sumsq and found_inf.
-//
-// Under CUDA graph capture the table copy becomes a graph node that re-reads the same pinned
-// host block on every replay (which also re-zeroes the counters), so captured tables are kept
-// for the life of the process, as the Triton backend does.
+// from run to run. Launches of one call chain their totals through a double in the
+// workspace; the last one updates sumsq and found_inf. The workspace comes from the caching
+// allocator on the current stream and is zeroed with cudaMemsetAsync (both capturable).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
-#include <mutex>
 #include <vector>
 
 #include "../dispatch.h"
@@ -39,8 +36,21 @@ constexpr int kVec = 8;                 // elements per vector step (16 or 32 by
 constexpr int64_t kMaxChunk = 1 << 16;  // elements per chunk for large inputs
 constexpr int64_t kMinChunk = 1 << 12;  // smaller chunks cost more table than they balance
 constexpr int64_t kChunksPerBlock = 4;  // chunks are shrunk until each block gets about this many
-constexpr int kRowWords = 3;            // table row: grad data pointer, numel, arena offset
-constexpr int kChunkWords = 2;          // table chunk: row index, first element in that row
+constexpr int kMaxRows = 1000;          // gradients per launch: keeps the table under 32 KB of parameters
+
+struct Row {
+  const void* data;
+  int64_t numel;
+  int64_t arena_offset;
+};
+
+// The kernel's parameter: rows [0, num_rows), row r owns chunks [first_chunk[r], first_chunk[r + 1]).
+struct Table {
+  Row rows[kMaxRows];
+  int32_t first_chunk[kMaxRows + 1];
+  int32_t num_rows;
+};
+static_assert(sizeof(Table) < 28 * 1024, "kernel parameters must stay under CUDA's 32 KB");
 
 struct Stats {
   double* partials;          // one per block of this launch; nullptr when no statistics
@@ -122,160 +132,156 @@ __device__ void finish_stats(double thread_sq, const Stats& s) {
   if (s.found_inf != nullptr && !((total - total) == 0.0)) *s.found_inf = 1.0f;
 }
 
+// The row whose chunks include chunk c (first_chunk is increasing, first_chunk[0] = 0).
+__device__ __forceinline__ int find_row(const Table& t, int32_t c) {
+  int lo = 0, hi = t.num_rows - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (t.first_chunk[mid] <= c) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
 template <typename A, typename G, bool kFirst>
 __global__ void __launch_bounds__(kBlockThreads, kBlocksPerSM)
-accumulate_kernel(A* arena, const int64_t* rows, const int64_t* chunks, int64_t num_chunks,
-                  int64_t chunk_len, float scale, Stats stats) {
+accumulate_kernel(A* arena, const __grid_constant__ Table table, int64_t chunk_len, float scale, Stats stats) {
   const bool want_stats = stats.partials != nullptr;
+  const int32_t num_chunks = table.first_chunk[table.num_rows];
   double sq = 0.0;
-  for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const int64_t* chunk = chunks + c * kChunkWords;
-    const int64_t* row = rows + chunk[0] * kRowWords;
-    const int64_t start = chunk[1];
-    const int64_t left = row[1] - start;
+  for (int32_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const int r = find_row(table, c);
+    const Row& row = table.rows[r];
+    // int64 before the multiply: a gradient may pass 2^31 elements.
+    const int64_t start = static_cast<int64_t>(c - table.first_chunk[r]) * chunk_len;
+    const int64_t left = row.numel - start;
     const int64_t n = left < chunk_len ? left : chunk_len;
-    const G* src = reinterpret_cast<const G*>(row[0]) + start;
-    sq += fold_chunk<A, G, kFirst>(arena + row[2] + start, src, n, scale, want_stats);
+    const G* src = static_cast<const G*>(row.data) + start;
+    sq += fold_chunk<A, G, kFirst>(arena + row.arena_offset + start, src, n, scale, want_stats);
   }
   if (want_stats) finish_stats(sq, stats);
 }
 
 struct Launch {
   at::ScalarType grad_type;
-  int64_t first_chunk;  // into the chunk list
-  int64_t num_chunks;
+  size_t begin, end;  // gradients [begin, end) of the call's dtype-ordered list
+  int32_t num_chunks;
   int grid;
-  int64_t stats_at;  // table word of this launch's partials, then its `done` counter
+  int64_t stats_at;  // workspace word of this launch's partials, then its `done` counter
 };
 
 template <typename A, typename G>
-void launch(const Launch& l, A* arena, const int64_t* rows, const int64_t* chunks, int64_t chunk_len,
-            float scale, bool first, const Stats& stats, cudaStream_t stream) {
-  const int64_t* mine = chunks + l.first_chunk * kChunkWords;
+void launch(const Table& table, int grid, A* arena, int64_t chunk_len, float scale, bool first,
+            const Stats& stats, cudaStream_t stream) {
   if (first) {
-    accumulate_kernel<A, G, true><<<l.grid, kBlockThreads, 0, stream>>>(arena, rows, mine, l.num_chunks,
-                                                                       chunk_len, scale, stats);
+    accumulate_kernel<A, G, true><<<grid, kBlockThreads, 0, stream>>>(arena, table, chunk_len, scale, stats);
   } else {
-    accumulate_kernel<A, G, false><<<l.grid, kBlockThreads, 0, stream>>>(arena, rows, mine, l.num_chunks,
-                                                                        chunk_len, scale, stats);
+    accumulate_kernel<A, G, false><<<grid, kBlockThreads, 0, stream>>>(arena, table, chunk_len, scale, stats);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void keep_for_graph_replays(const at::Tensor& pinned) {
-  static std::mutex mutex;
-  static auto* kept = new std::vector<at::Tensor>();  // never freed: no exit-time teardown race
-  std::lock_guard<std::mutex> lock(mutex);
-  kept->push_back(pinned);
-}
-
-void check_flag(const std::optional<at::Tensor>& t, const at::Tensor& arena, const char* what) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->device() == arena.device() && t->scalar_type() == at::kFloat && t->numel() == 1,
-              "accumulate: ", what, " must be a one-element float32 tensor on the arena's device");
 }
 
 void accumulate_cuda(const at::Tensor& arena, at::TensorList grads, at::IntArrayRef offsets,
                      double scale, bool first, const std::optional<at::Tensor>& sumsq,
                      const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(arena.is_cuda(), "accumulate: arena must be a CUDA tensor");
-  TORCH_CHECK(arena.is_contiguous() && arena.dim() == 1, "accumulate: arena must be a flat contiguous tensor");
-  TORCH_CHECK(grads.size() == offsets.size(), "accumulate: one offset per gradient");
-  check_flag(sumsq, arena, "sumsq");
-  check_flag(found_inf, arena, "found_inf");
+  check_accumulate_args(arena, grads, offsets, sumsq, found_inf);
   c10::cuda::CUDAGuard guard(arena.device());
 
-  std::vector<at::Tensor> flat;  // keeps the copies of non-contiguous grads alive until launch
-  flat.reserve(grads.size());
+  // The non-empty gradients in launch order (fp32, bf16, fp16: a fixed order, so the sum of
+  // squares adds up the same way every time). Contiguous ones are read where they are; the
+  // others are copied, and the copies live until the launches are queued (the caching
+  // allocator orders their reuse after them on this stream).
+  std::vector<at::Tensor> copies;
+  std::vector<Row> rows;
+  std::vector<at::ScalarType> types;
   int64_t total_elems = 0;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor& g = grads[i];
-    const int64_t n = g.numel();
-    TORCH_CHECK(g.device() == arena.device(), "accumulate: gradient ", i, " is not on the arena's device");
-    const at::ScalarType t = g.scalar_type();
-    TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "accumulate: gradient ", i,
-                " must be float32, bfloat16 or float16");
-    TORCH_CHECK(offsets[i] >= 0 && offsets[i] <= arena.numel() - n, "accumulate: gradient ", i,
-                " does not fit in the arena at offset ", offsets[i]);
-    flat.push_back(g.contiguous());
-    total_elems += n;
+  for (at::ScalarType t : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const at::Tensor& g = grads[i];
+      const int64_t n = g.numel();
+      if (g.scalar_type() != t || n == 0) continue;
+      const void* data = g.const_data_ptr();
+      if (!g.is_contiguous()) {
+        copies.push_back(g.contiguous());
+        data = copies.back().const_data_ptr();
+      }
+      rows.push_back({data, n, offsets[i]});
+      types.push_back(t);
+      total_elems += n;
+    }
+  }
+  if (rows.empty()) {
+    if (sumsq.has_value()) sumsq->add_(0.0);  // as the CPU kernel does (turns -0 into +0)
+    return;
   }
   const bool stats = sumsq.has_value() || found_inf.has_value();
 
-  // Fixed-size chunks keep the table short for big arenas; small inputs get smaller chunks
-  // so that every SM still has work.
+  // Fixed-size chunks keep the chunk count low for big arenas; small inputs get smaller
+  // chunks so that every SM still has work.
   const int device = arena.get_device();
   const int64_t most_blocks = static_cast<int64_t>(sm_count(device)) * kBlocksPerSM;
   int64_t chunk_len = kMaxChunk;
   while (chunk_len > kMinChunk && total_elems / chunk_len < most_blocks * kChunksPerBlock) chunk_len /= 2;
 
-  // One launch per grad dtype, in a fixed dtype order so the sum order is fixed too.
-  std::vector<int64_t> rows;
-  std::vector<int64_t> chunks;
+  // One launch per run of at most kMaxRows gradients of one dtype.
   std::vector<Launch> launches;
-  for (at::ScalarType t : {at::kFloat, at::kBFloat16, at::kHalf}) {
-    Launch l{t, static_cast<int64_t>(chunks.size()) / kChunkWords, 0, 0, 0};
-    for (size_t i = 0; i < flat.size(); ++i) {
-      const int64_t n = flat[i].numel();
-      if (flat[i].scalar_type() != t || n == 0) continue;
-      const int64_t row = static_cast<int64_t>(rows.size()) / kRowWords;
-      rows.insert(rows.end(), {static_cast<int64_t>(reinterpret_cast<intptr_t>(flat[i].data_ptr())), n, offsets[i]});
-      for (int64_t start = 0; start < n; start += chunk_len) chunks.insert(chunks.end(), {row, start});
+  for (size_t i = 0; i < rows.size();) {
+    Launch l{types[i], i, i, 0, 0, 0};
+    int64_t chunks = 0;
+    while (l.end < rows.size() && types[l.end] == l.grad_type && l.end - l.begin < static_cast<size_t>(kMaxRows)) {
+      chunks += (rows[l.end].numel + chunk_len - 1) / chunk_len;
+      ++l.end;
     }
-    l.num_chunks = static_cast<int64_t>(chunks.size()) / kChunkWords - l.first_chunk;
-    if (l.num_chunks == 0) continue;
-    l.grid = static_cast<int>(std::min(l.num_chunks, most_blocks));
+    TORCH_CHECK(chunks < (int64_t{1} << 31), "accumulate: too many chunks in one launch");
+    l.num_chunks = static_cast<int32_t>(chunks);
+    l.grid = static_cast<int>(std::min<int64_t>(chunks, most_blocks));
     launches.push_back(l);
-  }
-  if (launches.empty()) {
-    if (sumsq.has_value()) sumsq->add_(0.0);  // as the CPU kernel does (turns -0 into +0)
-    return;
+    i = l.end;
   }
 
-  // Table: rows, chunks, then per launch its partials and done counter, then the total.
-  const int64_t chunks_at = static_cast<int64_t>(rows.size());
-  int64_t words = chunks_at + static_cast<int64_t>(chunks.size());
-  const int64_t zeros_at = words;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // Workspace: per launch its partials and done counter, then the running total.
+  at::Tensor workspace;
+  int64_t* w = nullptr;
+  int64_t total_at = 0;
   if (stats) {
+    int64_t words = 0;
     for (Launch& l : launches) {
       l.stats_at = words;
       words += l.grid + 1;
     }
+    total_at = words++;
+    workspace = at::empty({words}, arena.options().dtype(at::kLong));
+    w = workspace.data_ptr<int64_t>();
+    C10_CUDA_CHECK(cudaMemsetAsync(w, 0, words * sizeof(int64_t), stream));  // counters 0, totals 0.0
   }
-  const int64_t total_at = words++;
-  // Under graph capture: a plain host tensor, kept for the process's life, because pinning
-  // may query events to recycle blocks, which global-mode capture forbids, and every replay
-  // copies from this address again.
-  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(!capturing));
-  int64_t* h = host.data_ptr<int64_t>();
-  std::memcpy(h, rows.data(), rows.size() * sizeof(int64_t));
-  std::memcpy(h + chunks_at, chunks.data(), chunks.size() * sizeof(int64_t));
-  std::fill(h + zeros_at, h + words, int64_t{0});  // counters 0, total 0.0 (all-zero bits)
-  // Pinned + non_blocking: an async copy on the current stream; the caching host allocator
-  // keeps `host` from being reused until that copy has run (but not until a graph is gone).
-  if (capturing) keep_for_graph_replays(host);
-  const at::Tensor table = host.to(arena.device(), at::kLong, /*non_blocking=*/true);
-  int64_t* d = table.data_ptr<int64_t>();
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float scale_f = static_cast<float>(scale);
+  Table table;
   FUSEDACCUM_DISPATCH_FLOAT_TYPES(arena.scalar_type(), "accumulate_cuda", [&] {
     using acc_t = scalar_t;
     acc_t* acc = arena.data_ptr<acc_t>();
     for (size_t k = 0; k < launches.size(); ++k) {
       const Launch& l = launches[k];
+      table.num_rows = static_cast<int32_t>(l.end - l.begin);
+      int32_t chunk = 0;
+      for (size_t r = l.begin; r < l.end; ++r) {
+        table.rows[r - l.begin] = rows[r];
+        table.first_chunk[r - l.begin] = chunk;
+        chunk += static_cast<int32_t>((rows[r].numel + chunk_len - 1) / chunk_len);
+      }
+      table.first_chunk[table.num_rows] = chunk;
       Stats s{nullptr, nullptr, nullptr, nullptr, nullptr, false};
       if (stats) {
-        s.partials = reinterpret_cast<double*>(d + l.stats_at);
-        s.done = reinterpret_cast<unsigned long long*>(d + l.stats_at + l.grid);
-        s.total = reinterpret_cast<double*>(d + total_at);
+        s.partials = reinterpret_cast<double*>(w + l.stats_at);
+        s.done = reinterpret_cast<unsigned long long*>(w + l.stats_at + l.grid);
+        s.total = reinterpret_cast<double*>(w + total_at);
         s.sumsq = sumsq.has_value() ? sumsq->data_ptr<float>() : nullptr;
         s.found_inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
         s.last_launch = k + 1 == launches.size();
       }
       FUSEDACCUM_DISPATCH_FLOAT_TYPES(l.grad_type, "accumulate_cuda_grad", [&] {
-        launch<acc_t, scalar_t>(l, acc, d, d + chunks_at, chunk_len, scale_f, first, s, stream);
+        launch<acc_t, scalar_t>(table, l.grid, acc, chunk_len, scale_f, first, s, stream);
       });
     }
   });

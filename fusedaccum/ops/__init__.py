@@ -23,9 +23,14 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _extension_kernel(name: str) -> Callable:
+    op = None
+
     def run(*args):
-        dispatch.extension_loaded()
-        return getattr(torch.ops.fusedaccum_C, name)(*args)
+        nonlocal op
+        if op is None:
+            dispatch.extension_loaded()
+            op = getattr(torch.ops.fusedaccum_C, name).default  # the overload itself: no resolution per call
+        return op(*args)
 
     return run
 
@@ -38,8 +43,13 @@ def _triton_kernel(name: str) -> Callable:
     return run
 
 
-def define(schema: str, check: Callable) -> dict[str, Callable]:
-    """Registers fusedaccum::<schema> and returns its backend table."""
+def define(schema: str, check: Callable, checked_in_cpp: bool = False) -> dict[str, Callable]:
+    """Registers fusedaccum::<schema> and returns its backend table.
+
+    checked_in_cpp: the compiled kernels check every argument the Python `check` does (ops
+    that take lists of thousands of tensors, where the walk in Python costs more than the
+    launch); on those backends `check` runs only to explain a refusal.
+    """
     name = schema.split("(", 1)[0]
     qualname = f"fusedaccum::{name}"
     table = {
@@ -55,8 +65,15 @@ def define(schema: str, check: Callable) -> dict[str, Callable]:
         check(*args)
 
     def _run(*args):
+        backend = dispatch.backend_for(args[0].device)
+        if checked_in_cpp and backend in ("cpp", "cuda"):
+            try:
+                return table[backend](*args)
+            except RuntimeError:
+                check(*args)  # raises the ValueError that says what is wrong
+                raise
         check(*args)
-        table[dispatch.backend_for(args[0].device)](*args)
+        table[backend](*args)
 
     # The sparse keys only reach the checks, which explain that sparse tensors are not taken.
     torch.library.impl(qualname, ["CPU", "CUDA", "SparseCPU", "SparseCUDA"], _run)

@@ -1,0 +1,9 @@
+// The Python module fusedaccum._C. Importing it loads this library, which registers the
+// kernel ops (registration.cpp, cpu/, cuda/) and binds the accumulator's C++ hot path.
+#include <torch/extension.h>
+
+namespace fusedaccum {
+void bind_window(pybind11::module_& m);
+}
+
+PYBIND11_MODULE(_C, m) { fusedaccum::bind_window(m); }
