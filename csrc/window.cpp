@@ -255,11 +255,15 @@ class Window : public std::enable_shared_from_this<Window> {
   bool any_touched() const { return std::find(touched_.begin(), touched_.end(), 1) != touched_.end(); }
   bool all_hooked() const { return std::find(hooked_.begin(), hooked_.end(), 0) == hooked_.end(); }
 
-  void set_touched(const std::vector<bool>& touched) {
+  // A window restored from a checkpoint (last = false), or reopened as if every touched
+  // parameter had been folded in the last micro-batch (last = true; the benchmark's re-timing).
+  void set_touched(const std::vector<bool>& touched, bool last) {
     std::lock_guard<std::mutex> lock(mutex_);
     TORCH_CHECK(touched.size() == touched_.size(), "this accumulator state was saved for another arena");
-    for (size_t i = 0; i < touched.size(); ++i) touched_[i] = touched[i];
-    std::fill(touched_last_.begin(), touched_last_.end(), 0);
+    for (size_t i = 0; i < touched.size(); ++i) {
+      touched_[i] = touched[i];
+      touched_last_[i] = last && touched[i];
+    }
   }
 
  private:
@@ -305,7 +309,9 @@ class Window : public std::enable_shared_from_this<Window> {
   // First contribution of the window overwrites its slice, the others add.
   void fold(const std::vector<Item>& items) {
     if (items.empty()) return;
-    at::NoGradGuard no_grad;
+    // Straight to the CPU/CUDA kernel: an op without an autograd kernel otherwise goes through
+    // the boxed autograd fallback, which packs every gradient into an IValue.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::optional<at::Tensor> sumsq, found_inf;
     if (stats_now_) {
       sumsq = sumsq_;
@@ -396,7 +402,7 @@ void bind_window(py::module_& m) {
       .def("with_grad", &Window::with_grad, R())
       .def("clear_grads", &Window::clear_grads, R())
       .def("restart", &Window::restart, R())
-      .def("set_touched", &Window::set_touched, R())
+      .def("set_touched", &Window::set_touched, py::arg("touched"), py::arg("last") = false, R())
       .def_property_readonly("touched", &Window::touched)
       .def_property_readonly("touched_last", &Window::touched_last)
       .def_property_readonly("hooked", &Window::hooked)

@@ -273,8 +273,7 @@ def reopen_window(acc: fa.GradAccumulator) -> None:
     that the last fold computed, are still there (the accumulator's own bookkeeping)."""
     acc._micro_step = acc.accumulation_steps
     for w in acc._windows:
-        w.touched = [True] * len(w.touched)
-        w.touched_last = [True] * len(w.touched)
+        w.set_touched([True] * len(w.touched), last=True)
 
 
 # -- 1. accumulate -------------------------------------------------------------------------
