@@ -69,6 +69,82 @@ def test_arena_past_2_to_the_31(backend):
     fa.set_backend(None)
 
 
+@cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_adam_step_past_2_to_the_31(backend):
+    n = (1 << 31) + 4099
+    need = n * 2 * 4 + (1 << 30)  # bf16 param, grad and two moments
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory")
+    fa.set_backend(backend)
+    p = torch.ones(n, device="cuda", dtype=torch.bfloat16)
+    g = torch.ones(n, device="cuda", dtype=torch.bfloat16)
+    g[-5:] = -1.0
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    one = torch.ones((), device="cuda")
+    torch.ops.fusedaccum.adam_step(p, g, m, v, None, None, one, one, None, 0.5, 0.9, 0.999, 1e-8, 0.0, True, False)
+    # First Adam step: the update is lr * sign(g) (to eps) everywhere, past 2^31 included.
+    assert p[0].item() == 0.5 and p[(1 << 31) + 7].item() == 0.5 and p[-1].item() == 1.5
+    assert m[-1].item() == pytest.approx(-0.1, rel=1e-2) and v[(1 << 31) + 7].item() == pytest.approx(1e-3, rel=1e-2)
+    fa.set_backend(None)
+
+
+@cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_graph_replay_with_non_contiguous_gradients(backend):
+    """A captured fold of transposed and strided gradients reads their new values on every replay."""
+    fa.set_backend(backend)
+    base = [torch.randn(64, 48, device="cuda").t(), torch.randn(3000, device="cuda")[::3],
+            torch.randn(100, device="cuda", dtype=torch.bfloat16)]
+    offsets = [0, 64 * 48, 64 * 48 + 1000]
+    arena = torch.zeros(64 * 48 + 1100, device="cuda")
+    sumsq = torch.zeros((), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up
+        torch.ops.fusedaccum.accumulate(arena, base, offsets, 2.0, True, sumsq, None)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sumsq.zero_()
+        torch.ops.fusedaccum.accumulate(arena, base, offsets, 2.0, True, sumsq, None)
+    for seed in range(3):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        for g in base:
+            g.copy_(torch.randn(g.shape, generator=gen, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = torch.cat([2.0 * g.reshape(-1).float() for g in base])
+        got = torch.cat([arena[o:o + g.numel()] for g, o in zip(base, offsets)])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert sumsq.item() == pytest.approx(want.double().square().sum().item(), rel=1e-6)
+    fa.set_backend(None)
+
+
+@cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_non_default_stream_with_gradients_freed_after_the_call(backend):
+    """Gradients made on a side stream, folded there and dropped at once: the memory they free
+    is rewritten right away on that stream, after the fold has read them (stream order)."""
+    fa.set_backend(backend)
+    side = torch.cuda.Stream()
+    arena = torch.zeros(1 << 22, device="cuda")
+    sumsq = torch.zeros((), device="cuda")
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(10_000_000)  # keep the stream busy, so the fold is still queued when the grads go
+        grads = [torch.full((1 << 20,), float(k + 1), device="cuda") for k in range(4)]
+        torch.ops.fusedaccum.accumulate(arena, grads, [k << 20 for k in range(4)], 1.0, True, sumsq, None)
+        del grads
+        scribble = [torch.full((1 << 20,), -7.0, device="cuda") for _ in range(4)]  # likely the same blocks
+    torch.cuda.synchronize()
+    del scribble
+    want = torch.cat([torch.full((1 << 20,), float(k + 1), device="cuda") for k in range(4)])
+    assert torch.equal(arena, want)
+    assert sumsq.item() == pytest.approx(float(sum((k + 1) ** 2 for k in range(4)) * (1 << 20)), rel=1e-6)
+    fa.set_backend(None)
+
+
 def _window_model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Embedding(1000, 128), torch.nn.Linear(128, 1000)).cuda()

@@ -122,6 +122,45 @@ def test_accumulate_is_deterministic(device_backend):
     assert torch.equal(results[0][1], results[1][1])
 
 
+def test_accumulate_many_gradients_of_mixed_dtypes(device_backend):
+    """2,100 gradients of three dtypes in one call: more than one CUDA launch per dtype (1,000
+    gradients each), the sum of squares chained across all of them."""
+    device, backend = device_backend
+    count = 2100 if backend != "triton" or device.type == "cuda" else 300  # the interpreter is slow
+    gen = torch.Generator().manual_seed(5)
+    sizes = [int(n) for n in torch.randint(0, 40, (count,), generator=gen)]
+    grads = [torch.randn(n, generator=gen).to(device=device, dtype=DTYPES[i % 3]) for i, n in enumerate(sizes)]
+    grads[7] = torch.randn(2 * sizes[7] + 2, generator=gen).to(device)[::2]  # non-contiguous among them
+    offsets, end = layout(grads, gap=3)
+    arena = torch.randn(end, generator=gen).to(device)
+    before = arena.clone()
+    sumsq, found_inf = torch.zeros((), device=device), torch.zeros((), device=device)
+    torch.ops.fusedaccum.accumulate(arena, grads, offsets, 0.5, False, sumsq, found_inf)
+    exact = before.double().cpu()
+    for g, off in zip(grads, offsets):
+        exact[off:off + g.numel()] += 0.5 * g.reshape(-1).double().cpu()
+    written = torch.zeros(end, dtype=torch.bool)
+    for g, off in zip(grads, offsets):
+        written[off:off + g.numel()] = True
+    assert_within(arena.cpu(), exact, exact.abs() + 1, F32, k=2, what="arena")
+    expected = arena.double().cpu()[written].square().sum().item()
+    assert sumsq.item() == pytest.approx(expected, rel=1e-6)
+    assert found_inf.item() == 0
+
+
+@pytest.mark.skipif(not dispatch.runs_on("triton", "cpu"), reason="needs the Triton interpreter")
+def test_triton_table_written_by_kernels_equals_the_words():
+    """The table that CUDA graph capture gets (written by kernels whose arguments are its words)
+    holds exactly the words, for every kind of value a table has: addresses, offsets, counts."""
+    from fusedaccum.triton_kernels.accumulate import WORDS_PER_WRITE, table_on_device
+
+    words = [0, 1, 15, 16, 2**31 - 1, 2**31, 2**40, 0x7F12_3456_7890, 2**62, 12345] * 5 + [7]
+    assert len(words) % WORDS_PER_WRITE != 0, "covers a partly filled last write"
+    for capturing in (False, True):
+        table = table_on_device(words, torch.device("cpu"), capturing)
+        assert table.tolist() == words, f"capturing={capturing}"
+
+
 # -- adam_step ---------------------------------------------------------------------------------
 
 

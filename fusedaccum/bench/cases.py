@@ -32,7 +32,7 @@ from fusedaccum.bench.timing import Clock
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_GRAD_NORM = 1.0
 PRECISION_MICRO_BATCHES = 16
-SECTIONS = ("accumulate", "boundary", "window", "sweep", "end-to-end")
+SECTIONS = ("accumulate", "boundary", "window", "sweep", "end-to-end", "host")
 
 # -- floors (DESIGN.md, bytes per parameter) ----------------------------------------------
 
@@ -667,6 +667,71 @@ def end_to_end_job(s: Settings, model_name: str) -> list[Row]:
 # -- the plan ------------------------------------------------------------------------------
 
 
+# -- 6. host overhead --------------------------------------------------------------------
+
+HOST_GRADIENTS = 2000
+
+
+def host_job(s: Settings) -> list[Row]:
+    """Thousands of 16-element parameters: the kernels have nothing to do, so the times are
+    the host's. Three comparisons: a micro-batch's backward (torch's AccumulateGrad against the
+    accumulator's C++ hooks and folds), one accumulate call from Python over every gradient
+    (against torch._foreach_add_), and the fold the accumulator makes from C++ (the same call
+    without the trip through Python)."""
+    n, dev = (200 if s.scale == "tiny" else HOST_GRADIENTS), s.device
+    init = random_tensors([(16,)] * n, torch.float32, dev, seed=1)
+    weights = random_tensors([(16,)] * n, torch.float32, dev, seed=2)
+    grads = random_tensors([(16,)] * n, torch.float32, dev, seed=3)
+    layout = f"{n} x 16"
+    rows = []
+    for b in s.backends:
+        if b not in ("cpp", "cuda"):
+            continue  # the Python backends are not where the host time is meant to go
+        with backend(b):
+            standard_params = leaf_params(init)
+            standard_params_grads = [torch.zeros_like(p) for p in standard_params]
+            for p, g in zip(standard_params, standard_params_grads):
+                p.grad = g
+
+            def standard_backward():  # a micro-batch after the first: AccumulateGrad adds into p.grad
+                probe_loss(standard_params, weights).backward()
+
+            params = leaf_params(init)
+            acc = fa.GradAccumulator(fa.AdamW(params), accumulation_steps=1 << 30)
+
+            def fused_backward():
+                acc.backward(probe_loss(params, weights))
+
+            standard_s, fused_s = s.clock.measure(standard_backward), s.clock.measure(fused_backward)
+            rows.append(Row("host", layout, "fp32", b, "micro-batch backward", "loss.backward()", "acc.backward(loss)",
+                            standard_s, fused_s, n * 16, None))
+            per_grad_us = (fused_s - standard_s) / n * 1e6
+            s.notes.append(f"host [{b}]: the accumulator adds {per_grad_us:.2f} µs per gradient per micro-batch to "
+                           f"torch's own backward ({n} gradients; target <= 1 µs)")
+
+            arena = torch.zeros(n * 16, device=dev)
+            offsets = [16 * i for i in range(n)]
+            targets = [t.clone() for t in grads]
+            foreach = s.clock.measure(lambda: torch._foreach_add_(targets, grads))
+            public = s.clock.measure(lambda: torch.ops.fusedaccum.accumulate(arena, grads, offsets, 0.5, False, None, None))
+            rows.append(Row("host", layout, "fp32", b, "one call over every gradient", "torch._foreach_add_",
+                            "fusedaccum.accumulate (from Python)", foreach, public, n * 16, None))
+            window = acc._windows[0]
+            for p, g in zip(params, grads):
+                p.grad = g
+            indices = list(range(n))
+            in_cpp = s.clock.measure(lambda: window.fold_grads_of(indices))
+            for p in params:
+                p.grad = None
+            rows.append(Row("host", layout, "fp32", b, "one call over every gradient", "torch._foreach_add_",
+                            "the accumulator's fold (C++)", foreach, in_cpp, n * 16, None))
+            s.notes.append(f"host [{b}]: one accumulate over {n} gradients: {public * 1e3:.3f} ms from Python, "
+                           f"{in_cpp * 1e3:.3f} ms from the accumulator's C++ fold (target <= 0.2 ms)")
+            del acc
+        release()
+    return rows
+
+
 def plan(s: Settings, sections: list[str]) -> list[Job]:
     jobs = []
     amp = amp_unavailable(s.device.type) is None
@@ -689,6 +754,8 @@ def plan(s: Settings, sections: list[str]) -> list[Job]:
     if "sweep" in sections:
         for n in sweep_sizes(s.device.type, s.scale):
             jobs.append(Job(f"sweep {n}", functools.partial(sweep_job, s, n)))
+    if "host" in sections:
+        jobs.append(Job("host overhead", functools.partial(host_job, s)))
     if "end-to-end" in sections:
         for model_name in ("seed", "transformer-lm"):
             jobs.append(Job(f"end-to-end {model_name}", functools.partial(end_to_end_job, s, model_name)))
