@@ -86,6 +86,22 @@ class Clock:
         fn()
         return time.perf_counter() - t0
 
+    def host_time(self, fn: Callable[[], object], calls: int = 20) -> float:
+        """Seconds per call of issuing fn() back to back with warm caches: the host's cost. On
+        CUDA the device is synchronized only after the calls, so that tiny kernels queue up and
+        the wall time is the host's. The best of five runs (host noise only ever adds)."""
+        for _ in range(3):
+            fn()
+        self.sync()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / calls)
+            self.sync()
+        return best
+
     def _do_bench_median(self, fn) -> float:
         # do_bench's warmup/rep are milliseconds of GPU time; min_time sets the scale.
         rep_ms = max(10.0, 1e3 * self.min_time)
