@@ -135,20 +135,29 @@ class FusedOptimizer:
         touched = []
         for arena in self._arenas:
             names = self._state_names_for(self.param_groups[arena.group_index])
+            params = arena.params
+            # Whole-list comparisons first (thousands of parameters per step): the per-parameter
+            # work only where something changed.
+            if [p.data_ptr() for p in params] != arena.data_ptrs or {p.dtype for p in params} != {arena.dtype}:
+                arena.check_params()
+            if arena.master is not None:
+                versions = [p._version for p in params]
+                if versions != arena.versions:
+                    for i, (now, seen) in enumerate(zip(versions, arena.versions)):
+                        if now != seen:
+                            arena.reseed_master(i)
             adopted = False
-            for i, p in enumerate(arena.params):
-                arena.check_param(i)
-                if arena.master is not None and p._version != arena.versions[i]:
-                    arena.reseed_master(i)
-                published, entry = arena.published[i], state.get(p) or {}
-                if published is not None and all(map(operator.is_, map(entry.get, published), published.values())):
+            for i, (published, entry) in enumerate(zip(arena.published, map(state.get, params))):
+                if published is None:
+                    if not entry:
+                        continue  # no state yet, none set by hand
+                elif all(map(operator.is_, map((entry or {}).get, published), published.values())):
                     continue  # optimizer.state[p] is what the arena published: nothing to do
                 if published is not None and not entry:
                     arena.reset_state(i)  # state cleared by hand: start over, as torch.optim would
-                    adopted = True
-                elif entry:
+                else:
                     self._adopt_state(arena, i, entry, names)
-                    adopted = True
+                adopted = True
             if adopted:
                 arena.renumber_step_classes()
             touched.append(acc._collect(arena) if acc is not None else self._gather_grads(arena))
@@ -190,15 +199,12 @@ class FusedOptimizer:
 
     def _gather_grads(self, arena: Arena) -> list[bool]:
         """Copies the parameters' .grad into the arena (one accumulate launch per grad dtype)."""
-        grads, offsets, touched = [], [], [False] * len(arena.params)
-        for i, p in enumerate(arena.params):
-            if p.grad is not None:
-                grads.append(p.grad)
-                offsets.append(arena.offsets[i])
-                touched[i] = True
-        if grads:
+        grads = [p.grad for p in arena.params]
+        touched = [g is not None for g in grads]
+        if any(touched):
             grad = arena.ensure_grad(arena.grad.dtype if arena.grad is not None else torch.float32)
-            torch.ops.fusedaccum.accumulate(grad, grads, offsets, 1.0, True, None, None)
+            offsets = [o for o, t in zip(arena.offsets, touched) if t]
+            torch.ops.fusedaccum.accumulate(grad, [g for g in grads if g is not None], offsets, 1.0, True, None, None)
         return touched
 
     def _fused_step(self, touched: list[list[bool]], factor: dict, found_inf: dict) -> None:
