@@ -36,19 +36,19 @@ def test_bench_cli_writes_a_complete_run(tmp_path):
     latest = json.loads((tmp_path / "latest-cpu.json").read_text())
     assert latest["run_file"] == runs[0].name
     run = json.loads(runs[0].read_text())
-    for key in ("timestamp", "device", "versions", "git", "args", "scale", "backends", "copy_bandwidth_gbps",
+    for key in ("timestamp", "device", "versions", "git", "args", "scale", "backends", "reference_bandwidth",
                 "layouts", "rows", "precision", "notes", "timing"):
         assert key in run, key
     assert run["device"]["type"] == "cpu" and run["device"]["name"]
     assert {"torch", "fusedaccum", "triton"} <= set(run["versions"])
     assert "commit" in run["git"]
-    assert run["scale"] == "tiny" and run["copy_bandwidth_gbps"] > 0
+    assert run["scale"] == "tiny" and run["reference_bandwidth"]["reference"] >= run["reference_bandwidth"]["copy"] > 0
 
     sections = {r["section"] for r in run["rows"]}
     assert sections == {"accumulate", "boundary", "window", "sweep"}
     for r in run["rows"]:
         assert r["dtype"] == "fp32" and (r["layout"] == "many-small" or r["section"] == "sweep")
         for value in (r["ratio"], r["standard_s"], r["fused_s"], r["standard_gbps"], r["fused_gbps"],
-                      r["standard_pct_of_copy"], r["fused_pct_of_copy"]):
+                      r["standard_pct_of_reference"], r["fused_pct_of_reference"]):
             assert math.isfinite(value) and value > 0, r
         assert r["ratio"] == pytest.approx(r["standard_s"] / r["fused_s"])

@@ -161,7 +161,7 @@ class JobsLog:
             self.file.close()
 
 
-def run_jobs(jobs, log: JobsLog, copy_gbps: float) -> tuple[list, list[dict], str | None]:
+def run_jobs(jobs, log: JobsLog, ref_gbps: float) -> tuple[list, list[dict], str | None]:
     """Runs the jobs in order: (results, errors, the job that was interrupted or None). A job that
     raises is reported and the next one runs; Ctrl-C (or `timeout -s INT`) stops the run, keeping
     what was measured."""
@@ -198,7 +198,7 @@ def run_jobs(jobs, log: JobsLog, copy_gbps: float) -> tuple[list, list[dict], st
                 traceback.print_exc()
             else:
                 log.write({"job": job.label, "seconds": time.perf_counter() - start,
-                           "rows": [report.row_record(r, copy_gbps) for r in got if not isinstance(r, Precision)],
+                           "rows": [report.row_record(r, ref_gbps) for r in got if not isinstance(r, Precision)],
                            "precision": report.precision_records([r for r in got if isinstance(r, Precision)])})
             results += got
             release()
@@ -251,13 +251,14 @@ def main(argv=None) -> int:
         settings.notes.append(f"other processes kept {100 * busy:.0f}% of the CPUs busy at the start: "
                               f"CPU timings of this run are noisy")
     now = datetime.datetime.now(datetime.timezone.utc)
-    copy_gbps = clock.copy_bandwidth()
+    bandwidth = clock.reference_bandwidth()
+    ref_gbps = bandwidth["reference"]
     jobs = plan(settings, sections)
     log = JobsLog(args.jobs_log, {"timestamp": now.isoformat(timespec="seconds"), "device": device_info(device),
                                   "versions": versions(), "scale": scale, "backends": backends,
-                                  "copy_bandwidth_gbps": copy_gbps, "jobs": [j.label for j in jobs]})
+                                  "reference_bandwidth": bandwidth, "jobs": [j.label for j in jobs]})
     try:
-        results, errors, interrupted = run_jobs(jobs, log, copy_gbps)
+        results, errors, interrupted = run_jobs(jobs, log, ref_gbps)
     finally:
         log.close()
     if interrupted:
@@ -276,11 +277,11 @@ def main(argv=None) -> int:
         "fusedaccum_backends": fa.backends(),
         "timing": {"method": clock.method, "min_time_s": min_time, "min_reps": min_reps, "max_reps": max_reps,
                    "cpu_busy_elsewhere_at_start": busy},
-        "copy_bandwidth_gbps": copy_gbps,
+        "reference_bandwidth": bandwidth,
         "layouts": {lay.name: {"params": lay.numel, "tensors": len(lay.shapes), "note": lay.note}
                     for lay in chosen.values()},
         "notes": settings.notes,
-        "rows": [report.row_record(r, copy_gbps) for r in rows],
+        "rows": [report.row_record(r, ref_gbps) for r in rows],
         "precision": report.precision_records([r for r in results if isinstance(r, Precision)]),
         "errors": errors,
     }

@@ -99,6 +99,7 @@ def layouts(device_type: str, scale: str) -> dict[str, Layout]:
     huge = 64 << 20 if device_type == "cuda" else 8 << 20
     return {
         "seed": seed,
+        "gpt-20m": Layout("gpt-20m", gpt2_shapes(8192, 512, 512, 5), "GPT-2's shapes at d=512, 5 blocks, vocab 8192"),
         "gpt2-small": Layout("gpt2-small", gpt2_shapes()),
         "many-small": Layout("many-small", [(4096,)] * 2000),
         "one-huge": Layout("one-huge", [(huge,)], "" if device_type == "cuda" else "8M elements on CPU"),
