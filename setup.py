@@ -36,9 +36,12 @@ def wheel_cuda_headers() -> list[str]:
 
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+# -fopenmp: at::parallel_for is a header template that is parallel only where _OPENMP is
+# defined (without it the CPU kernels ran on one thread); the GOMP symbols resolve to the
+# libgomp that torch loads. It also turns on the `omp simd` loops.
 # -fno-math-errno: sqrtf may not set errno, so loops with a square root vectorize.
 # -ffp-contract=off: no fused multiply-adds, the roundings of elementwise.h as written.
-cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off"]
+cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 if cuda_wanted():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     extra = wheel_cuda_headers()

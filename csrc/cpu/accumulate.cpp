@@ -33,11 +33,12 @@ struct Piece {
 template <typename A, typename G, bool kFirst, bool kStats>
 FUSEDACCUM_CPU_CLONES double fold(A* acc, const G* g, int64_t n, float scale) {
   double sum_sq = 0.0;
-  if constexpr (std::is_same_v<A, float> && std::is_same_v<G, float>) {
-    // All fp32: one loop over the arrays themselves, no tile copies.
+  if constexpr (std::is_same_v<A, float> && !std::is_same_v<G, c10::Half>) {
+    // fp32 arena, fp32 or bf16 gradient (a bf16 load is a shift): one loop over the arrays
+    // themselves, no tile copies; the arena holds floats, so no rounding on the store.
 #pragma omp simd reduction(+ : sum_sq)
     for (int64_t i = 0; i < n; ++i) {
-      acc[i] = accumulate_element(kFirst ? 0.0f : acc[i], g[i], scale, kFirst);
+      acc[i] = accumulate_element(kFirst ? 0.0f : acc[i], load_float(g[i]), scale, kFirst);
       if constexpr (kStats) sum_sq += static_cast<double>(acc[i]) * acc[i];
     }
     return sum_sq;

@@ -86,6 +86,20 @@ class Clock:
         fn()
         return time.perf_counter() - t0
 
+    def measure_interleaved(self, fns: dict) -> dict:
+        """Median seconds of each callable, timed in alternation (a call of each per round, caches
+        flushed before every call), so that every side sees the same machine: on a shared host
+        the memory bandwidth drifts by 2x and more within a minute, and sides timed one after
+        the other can each catch a different moment (how a `p.grad += g` row once came out at
+        twice the machine's bandwidth)."""
+        estimate = max(self._one_call(fn, None) for fn in fns.values())  # also the warm-up
+        rounds = int(min(self.max_reps, max(self.min_reps, self.min_time / max(estimate, 1e-9))))
+        times: dict = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times[name].append(self._one_call(fn, None))
+        return {name: statistics.median(t) for name, t in times.items()}
+
     def host_time(self, fn: Callable[[], object], calls: int = 20) -> float:
         """Seconds per call of issuing fn() back to back with warm caches: the host's cost. On
         CUDA the device is synchronized only after the calls, so that tiny kernels queue up and
@@ -108,11 +122,13 @@ class Clock:
         return self._do_bench(fn, warmup=rep_ms / 4, rep=rep_ms, return_mode="median") / 1e3
 
     def reference_bandwidth(self) -> dict:
-        """The machine's streaming limit, STREAM-style: copy (a = b), add (a = b + c) and triad
-        (a = b + 3 c) over fp32 arrays far larger than the last-level cache, with torch's own
-        kernels on all threads. GB/s count the bytes read and written, not the write-allocate
-        reads of the destination (as STREAM does). The reference is the best of the three: on
-        CPU, copy_ alone runs below what add_ reaches, so it is not the limit."""
+        """The machine's streaming limit, STREAM-style, with torch's own kernels on all threads
+        over fp32 arrays far larger than the last-level cache: copy (a = b), add (a = b + c),
+        and the in-place add a += b, which is the access pattern of an accumulate or an
+        optimizer step. GB/s count the bytes read and written; the write-allocate reads of a
+        destination that is not read (copy, add) are not counted, as in STREAM, so those two
+        come out lower than the in-place add, whose written lines were read anyway. The
+        reference is the best of the three."""
         n = COPY_ELEMENTS[self.device.type]
         b = torch.randn(n, device=self.device)
         c = torch.randn(n, device=self.device)
@@ -120,7 +136,7 @@ class Clock:
         gbps = {
             "copy": 2 * 4 * n / self.measure(lambda: a.copy_(b)) / 1e9,
             "add": 3 * 4 * n / self.measure(lambda: torch.add(b, c, out=a)) / 1e9,
-            "triad": 3 * 4 * n / self.measure(lambda: torch.add(b, c, alpha=3.0, out=a)) / 1e9,
+            "add_in_place": 3 * 4 * n / self.measure(lambda: a.add_(b)) / 1e9,
         }
         return {**gbps, "reference": max(gbps.values()), "elements": n,
-                "counting": "bytes read + bytes written, write-allocate reads not counted (STREAM's convention)"}
+                "counting": "bytes read + written; write-allocate reads not counted (STREAM's convention)"}
