@@ -2,8 +2,14 @@
 // kernel ops (registration.cpp, cpu/, cuda/) and binds the accumulator's C++ hot path.
 #include <torch/extension.h>
 
+#include "public_ops.h"
+
 namespace fusedaccum {
 void bind_window(pybind11::module_& m);
 }
 
-PYBIND11_MODULE(_C, m) { fusedaccum::bind_window(m); }
+PYBIND11_MODULE(_C, m) {
+  fusedaccum::bind_window(m);
+  m.def("_set_forced_backend", &fusedaccum::set_forced_backend,
+        "fusedaccum.set_backend() tells the compiled entry of the public ops which backend is forced");
+}

@@ -23,9 +23,10 @@ _forced: str | None = None
 @functools.cache
 def extension_loaded() -> bool:
     try:
-        from fusedaccum import _C  # noqa: F401  (loading it registers the fusedaccum_C ops)
+        from fusedaccum import _C  # (loading it registers the fusedaccum_C ops)
     except ImportError:
         return False
+    _C._set_forced_backend(_forced or "")
     return True
 
 
@@ -104,6 +105,10 @@ def set_backend(name: str | None) -> None:
     if name is not None:
         _check_name(name, "set_backend")
     _forced = name
+    if extension_loaded():
+        from fusedaccum import _C
+
+        _C._set_forced_backend(name or "")  # the public ops' compiled entry follows it
 
 
 def forced() -> str | None:

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../dispatch.h"
+#include "../public_ops.h"
 #include "../elementwise.h"
 #include "memory.cuh"
 
@@ -290,5 +291,8 @@ void accumulate_cuda(const at::Tensor& arena, at::TensorList grads, at::IntArray
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedaccum_C, CUDA, m) { m.impl("accumulate", &accumulate_cuda); }
+
+// The public op's compiled entry on CUDA (csrc/public_ops.cpp).
+TORCH_LIBRARY_IMPL(fusedaccum, CUDA, m) { m.impl("accumulate", public_op_kernel()); }
 
 }  // namespace fusedaccum

@@ -48,7 +48,10 @@ def define(schema: str, check: Callable, checked_in_cpp: bool = False) -> dict[s
 
     checked_in_cpp: the compiled kernels check every argument the Python `check` does (ops
     that take lists of thousands of tensors, where the walk in Python costs more than the
-    launch); on those backends `check` runs only to explain a refusal.
+    launch). The extension then registers the op's CPU (and CUDA) kernel itself
+    (csrc/public_ops.cpp): the compiled kernel straight from the dispatcher when cpp/cuda is
+    the backend, else fusedaccum::_<name>_python below; `check` runs only to explain a
+    refusal, as fusedaccum::_<name>_check.
     """
     name = schema.split("(", 1)[0]
     qualname = f"fusedaccum::{name}"
@@ -75,8 +78,13 @@ def define(schema: str, check: Callable, checked_in_cpp: bool = False) -> dict[s
         check(*args)
         table[backend](*args)
 
-    # The sparse keys only reach the checks, which explain that sparse tensors are not taken.
-    torch.library.impl(qualname, ["CPU", "CUDA", "SparseCPU", "SparseCUDA"], _run)
+    keys = ["CPU", "CUDA", "SparseCPU", "SparseCUDA"]  # the sparse keys only reach the checks
+    if checked_in_cpp and dispatch.extension_loaded():
+        for suffix, kernel in (("python", _run), ("check", check)):
+            torch.library.define(f"fusedaccum::_{name}_{suffix}", schema[len(name):])
+            torch.library.impl(f"fusedaccum::_{name}_{suffix}", ["CPU", "CUDA"], kernel)
+        keys = [k for k in keys if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, k)]
+    torch.library.impl(qualname, keys, _run)
     return table
 
 

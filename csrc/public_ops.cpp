@@ -1,0 +1,82 @@
+// The compiled entry of the public ops fusedaccum::<op> on CPU (and CUDA, in a CUDA build):
+// when the backend chosen for the tensors' device is the extension's own (cpp on CPU, cuda on
+// CUDA), the call goes straight to fusedaccum_C::<op>, with no Python on the way; otherwise
+// to fusedaccum::_<op>_python, the Python kernel that picks triton or torch (and reads
+// FUSEDACCUM_BACKEND). A refusal of the compiled kernel is explained by the op's Python checks
+// (fusedaccum::_<op>_check), which raise the ValueError that says what is wrong.
+//
+// The choice mirrors fusedaccum.dispatch.backend_for: set_backend() pushes the forced backend
+// here, and a FUSEDACCUM_BACKEND in the environment sends every call to Python, which checks it.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/stack.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+
+#include "public_ops.h"
+
+namespace fusedaccum {
+namespace {
+
+enum Forced : int { kNone = 0, kCpp = 1, kCuda = 2, kOther = 3 };
+std::atomic<int> forced{kNone};
+
+bool compiled_kernel_chosen(c10::DeviceType device) {
+  const char* env = std::getenv("FUSEDACCUM_BACKEND");
+  if (env != nullptr && *env != '\0') return false;
+  const int f = forced.load(std::memory_order_relaxed);
+  if (f == kNone) return true;  // the default on CPU is cpp; on CUDA, cuda once this kernel exists
+  return (f == kCpp && device == c10::DeviceType::CPU) || (f == kCuda && device == c10::DeviceType::CUDA);
+}
+
+struct Handles {
+  c10::OperatorHandle compiled, python, check;
+};
+
+const Handles& handles_of(const c10::OperatorHandle& op) {
+  // Three ops: a static per name, found once.
+  static const Handles accumulate = {
+      c10::Dispatcher::singleton().findSchemaOrThrow("fusedaccum_C::accumulate", ""),
+      c10::Dispatcher::singleton().findSchemaOrThrow("fusedaccum::_accumulate_python", ""),
+      c10::Dispatcher::singleton().findSchemaOrThrow("fusedaccum::_accumulate_check", "")};
+  const std::string& name = op.schema().name();
+  if (name == "fusedaccum::accumulate") return accumulate;
+  TORCH_CHECK(false, "fusedaccum: no compiled entry for ", name);
+}
+
+void public_op_entry(const c10::OperatorHandle& op, c10::DispatchKeySet /*keys*/, torch::jit::Stack* stack) {
+  const size_t num_args = op.schema().arguments().size();
+  const at::Tensor& first = (stack->end() - num_args)->toTensor();
+  const Handles& h = handles_of(op);
+  if (!compiled_kernel_chosen(first.device().type())) {
+    h.python.callBoxed(stack);
+    return;
+  }
+  // The arguments again, should the kernel refuse them (a list is one IValue: cheap to copy).
+  torch::jit::Stack saved(stack->end() - num_args, stack->end());
+  try {
+    // Below autograd: the compiled op has no autograd kernel, and the boxed fallback would
+    // walk every tensor again.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    h.compiled.callBoxed(stack);
+  } catch (const c10::Error&) {
+    h.check.callBoxed(&saved);  // raises the ValueError that says what is wrong
+    throw;                      // the checks passed: the kernel's own message
+  }
+}
+
+}  // namespace
+
+torch::CppFunction public_op_kernel() { return torch::CppFunction::makeFromBoxedFunction<&public_op_entry>(); }
+
+void set_forced_backend(const std::string& name) {
+  forced.store(name.empty() ? kNone : name == "cpp" ? kCpp : name == "cuda" ? kCuda : kOther);
+}
+
+TORCH_LIBRARY_IMPL(fusedaccum, CPU, m) { m.impl("accumulate", public_op_kernel()); }
+
+}  // namespace fusedaccum
