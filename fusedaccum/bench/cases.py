@@ -392,7 +392,9 @@ def boundary_job(s: Settings, layout: Layout, dtype_name: str, optimizer: str, a
     init = random_tensors(layout.shapes, dtype, dev, seed=1)
     window_grads = random_tensors(layout.shapes, dtype, dev, seed=2)
 
-    def time_standard(variants: dict[str, dict]) -> tuple[dict[str, float], list[torch.Tensor]]:
+    def standard_calls(variants: dict[str, dict]) -> tuple[dict, list[torch.Tensor]]:
+        """One boundary call per torch variant, all on the same parameters and gradients (the
+        values do not matter for the time; the first variant's first step is the reference)."""
         pristine = [g * loss_scale for g in window_grads] if amp else window_grads
         params = leaf_params(init)
         grads = [g.clone() for g in pristine]
@@ -402,7 +404,8 @@ def boundary_job(s: Settings, layout: Layout, dtype_name: str, optimizer: str, a
             for p, g in zip(params, grads):
                 p.grad = g
 
-        def one_variant(kw: dict, check: bool):
+        calls, expected = {}, None
+        for name, kw in variants.items():
             with torch.no_grad():
                 torch._foreach_copy_(params, init)
             opt = torch_cls(params, **hyper, **kw)
@@ -410,7 +413,7 @@ def boundary_job(s: Settings, layout: Layout, dtype_name: str, optimizer: str, a
             if scaler is not None:
                 scaler.scale(torch.ones((), device=dev))  # GradScaler creates its scale lazily here
 
-            def boundary():
+            def boundary(opt=opt, scaler=scaler):
                 if scaler is not None:
                     scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -423,37 +426,37 @@ def boundary_job(s: Settings, layout: Layout, dtype_name: str, optimizer: str, a
 
             restore()
             boundary()
-            after_one = [p.detach().clone() for p in params] if check else None
-            return s.clock.measure(boundary, setup=restore), after_one
+            if expected is None:
+                expected = [p.detach().clone() for p in params]
+            calls[name] = (boundary, restore)
+        return calls, expected
 
-        times, expected = {}, None
-        for name, kw in variants.items():
-            times[name], after_one = one_variant(kw, check=expected is None)
-            expected = expected or after_one
-            release()
-        return times, expected
+    def fused_call(b: str, expected) -> tuple:
+        with backend(b):
+            params = leaf_params(init)
+            acc = fa.GradAccumulator(fa_cls(params, master_weights=master, **hyper), accumulation_steps=1,
+                                     max_grad_norm=MAX_GRAD_NORM, loss_scale="dynamic" if amp else None)
+            acc.backward(probe_loss(params, window_grads))  # the window's gradients into the arena
+            assert acc.step()
+            assert_same(params, expected, dtype, f"{label} [{b}]", lr=hyper["lr"])
 
-    def time_fused(expected) -> float:
-        params = leaf_params(init)
-        acc = fa.GradAccumulator(fa_cls(params, master_weights=master, **hyper), accumulation_steps=1,
-                                 max_grad_norm=MAX_GRAD_NORM, loss_scale="dynamic" if amp else None)
-        acc.backward(probe_loss(params, window_grads))  # the window's gradients into the arena
-        assert acc.step()
-        assert_same(params, expected, dtype, f"{label} [{fa_backend()}]", lr=hyper["lr"])
-        seconds = s.clock.measure(acc.step, setup=lambda: reopen_window(acc))
-        return seconds
+        def step():
+            with backend(b):
+                acc.step()
+
+        return step, lambda: reopen_window(acc)
 
     variants = torch_variants(optimizer, dev.type, dtype)
     if s.scale == "quick" and optimizer != "AdamW":
         variants = {k: v for k, v in variants.items() if k == best_variant(optimizer, dev.type, dtype)}
-    standard, expected = time_standard(variants)
+    calls, expected = standard_calls(variants)
+    for b in s.backends:
+        calls[("fused", b)] = fused_call(b, expected)
+    times = s.clock.measure_interleaved(calls)  # every side in alternation: the same machine
     rows = []
     for b in s.backends:
-        with backend(b):
-            fused_s = time_fused(expected)
-        release()
-        rows += [Row("boundary", layout.name, dtype_name, b, case, f"torch {name}", "acc.step()", t, fused_s,
-                     layout.numel, step_floor(optimizer, master)) for name, t in standard.items()]
+        rows += [Row("boundary", layout.name, dtype_name, b, case, f"torch {name}", "acc.step()", times[name],
+                     times[("fused", b)], layout.numel, step_floor(optimizer, master)) for name in variants]
     return rows
 
 
@@ -486,47 +489,53 @@ def window_job(s: Settings, layout: Layout, dtype_name: str) -> list[Row]:
                 acc.step()
         return window
 
-    def time_standard(variant: str) -> tuple[float, list[torch.Tensor]]:
+    def standard_call(variant: str) -> tuple:
         params = leaf_params(init)
         opt = torch.optim.AdamW(params, **hyper, **torch_variants("AdamW", dev.type, dtype)[variant])
         window = standard_loop(params, opt)
         window()
-        after_one = [p.detach().clone() for p in params]
-        return s.clock.measure(window), after_one
+        return window, [p.detach().clone() for p in params]
 
-    def time_fused(mode: str, expected) -> float:
-        params = leaf_params(init)
-        opt = fa.AdamW(params, master_weights=master, **hyper)
-        if mode == "swap-in":
-            acc = fa.GradAccumulator(opt)
-            window = standard_loop(params, opt)
-        else:
-            acc = fa.GradAccumulator(opt, accumulation_steps=n, max_grad_norm=MAX_GRAD_NORM)
-            window = full_path(params, acc)
-        window()
-        assert_same(params, expected, dtype, f"{label} {mode} [{fa_backend()}]")
-        seconds = s.clock.measure(window)
-        return seconds
+    def fused_call(b: str, mode: str, expected):
+        with backend(b):
+            params = leaf_params(init)
+            opt = fa.AdamW(params, master_weights=master, **hyper)
+            if mode == "swap-in":
+                acc = fa.GradAccumulator(opt)
+                window = standard_loop(params, opt)
+            else:
+                acc = fa.GradAccumulator(opt, accumulation_steps=n, max_grad_norm=MAX_GRAD_NORM)
+                window = full_path(params, acc)
+            window()
+            assert_same(params, expected, dtype, f"{label} {mode} [{b}]")
+
+        def timed():
+            with backend(b):
+                window()
+
+        timed.keep = acc  # the accumulator lives as long as its window
+        return timed
 
     variants = ["foreach"] + (["fused"] if "fused" in torch_variants("AdamW", dev.type, dtype) else [])
     if s.scale == "quick":
         variants = variants[-1:]
-    standard, expected = {}, None
+    calls, expected = {}, None
     for name in variants:
-        standard[f"torch AdamW {name}"], after_one = time_standard(name)
+        calls[f"torch AdamW {name}"], after_one = standard_call(name)
         expected = expected or after_one
-        release()
     # Swap-in clips p.grad, which shows the arena only where it has the parameters' dtype.
     modes = ["full path"] if master else ["swap-in", "full path"]
+    for b in s.backends:
+        for mode in modes:
+            calls[(b, mode)] = fused_call(b, mode, expected)
+    times = s.clock.measure_interleaved(calls)  # every side in alternation: the same machine
     floor = accumulate_floor(dtype, first=True) + (n - 1) * accumulate_floor(dtype) + step_floor("AdamW", master)
     rows = []
     for b in s.backends:
         for mode in modes:
-            with backend(b):
-                fused_s = time_fused(mode, expected)
-            release()
-            rows += [Row("window", layout.name, dtype_name, b, f"{n} micro-batches + AdamW + clip", name, mode,
-                         t, fused_s, layout.numel, floor) for name, t in standard.items()]
+            rows += [Row("window", layout.name, dtype_name, b, f"{n} micro-batches + AdamW + clip", f"torch AdamW {name}",
+                         mode, times[f"torch AdamW {name}"], times[(b, mode)], layout.numel, floor)
+                     for name in variants]
     return rows
 
 

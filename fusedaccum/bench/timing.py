@@ -86,18 +86,19 @@ class Clock:
         fn()
         return time.perf_counter() - t0
 
-    def measure_interleaved(self, fns: dict) -> dict:
-        """Median seconds of each callable, timed in alternation (a call of each per round, caches
-        flushed before every call), so that every side sees the same machine: on a shared host
-        the memory bandwidth drifts by 2x and more within a minute, and sides timed one after
-        the other can each catch a different moment (how a `p.grad += g` row once came out at
-        twice the machine's bandwidth)."""
-        estimate = max(self._one_call(fn, None) for fn in fns.values())  # also the warm-up
+    def measure_interleaved(self, calls: dict) -> dict:
+        """Median seconds of each call, timed in alternation (one call of each per round, its
+        setup and a cache flush before it), so that every side sees the same machine: on a
+        shared host the memory bandwidth drifts by 2x and more within a minute, and sides timed
+        one after the other can each catch a different moment (how a `p.grad += g` row once
+        came out at twice the machine's bandwidth). A call is fn or (fn, setup)."""
+        calls = {k: c if isinstance(c, tuple) else (c, None) for k, c in calls.items()}
+        estimate = max(self._one_call(fn, setup) for fn, setup in calls.values())  # also the warm-up
         rounds = int(min(self.max_reps, max(self.min_reps, self.min_time / max(estimate, 1e-9))))
-        times: dict = {name: [] for name in fns}
+        times: dict = {name: [] for name in calls}
         for _ in range(rounds):
-            for name, fn in fns.items():
-                times[name].append(self._one_call(fn, None))
+            for name, (fn, setup) in calls.items():
+                times[name].append(self._one_call(fn, setup))
         return {name: statistics.median(t) for name, t in times.items()}
 
     def host_time(self, fn: Callable[[], object], calls: int = 20) -> float:
