@@ -148,6 +148,36 @@ def test_accumulate_many_gradients_of_mixed_dtypes(device_backend):
     assert found_inf.item() == 0
 
 
+@pytest.mark.skipif(not dispatch.extension_loaded(), reason="needs the compiled extension")
+def test_the_compiled_entry_follows_the_backend_choice(monkeypatch):
+    """fusedaccum::accumulate's CPU kernel is compiled: it runs the extension's kernel by
+    default and hands the call to Python whenever set_backend() or FUSEDACCUM_BACKEND says so."""
+    from fusedaccum.ops import accumulate as accumulate_op
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fusedaccum::accumulate", "CPU")
+    ran = []
+    reference = accumulate_op.KERNELS["torch"]
+    monkeypatch.setitem(accumulate_op.KERNELS, "torch", lambda *args: (ran.append("torch"), reference(*args)))
+
+    def call():
+        arena = torch.zeros(4)
+        torch.ops.fusedaccum.accumulate(arena, [torch.ones(4)], [0], 2.0, True, None, None)
+        assert arena.tolist() == [2.0] * 4
+
+    call()
+    assert ran == []
+    fa.set_backend("torch")
+    call()
+    assert ran == ["torch"]
+    fa.set_backend(None)
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "torch")
+    call()
+    assert ran == ["torch", "torch"]
+    monkeypatch.delenv("FUSEDACCUM_BACKEND")
+    call()
+    assert ran == ["torch", "torch"]
+
+
 @pytest.mark.skipif(not dispatch.runs_on("triton", "cpu"), reason="needs the Triton interpreter")
 def test_triton_table_written_by_kernels_equals_the_words():
     """The table that CUDA graph capture gets (written by kernels whose arguments are its words)
