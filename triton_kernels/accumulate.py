@@ -89,7 +89,7 @@ def _accumulate_kernel(arena_ptr, table_ptr, num_rows, partials_ptr, scale,
     pid = tl.program_id(0).to(tl.int64)
     # The row whose blocks include this one: the last row whose first block is <= pid.
     lo = tl.zeros((), tl.int64)
-    hi = num_rows.to(tl.int64) - 1
+    hi = lo + num_rows - 1  # (no .to() on num_rows: Triton makes an argument equal to 1 a constant)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         below = tl.load(table_ptr + 4 * mid + 3) <= pid
