@@ -5,8 +5,9 @@
 // FUSEDACCUM_BACKEND). A refusal of the compiled kernel is explained by the op's Python checks
 // (fusedaccum::_<op>_check), which raise the ValueError that says what is wrong.
 //
-// The choice mirrors fusedaccum.dispatch.backend_for: set_backend() pushes the forced backend
-// here, and a FUSEDACCUM_BACKEND in the environment sends every call to Python, which checks it.
+// The choice mirrors fusedaccum.dispatch.backend_for: the backend set_backend() forced (pushed
+// here) first, then FUSEDACCUM_BACKEND, then the default. Any other name goes to Python, which
+// runs it or says why it cannot.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/stack.h>
@@ -22,15 +23,21 @@
 namespace fusedaccum {
 namespace {
 
-enum Forced : int { kNone = 0, kCpp = 1, kCuda = 2, kOther = 3 };
+enum Backend : int { kNone = 0, kCpp = 1, kCuda = 2, kOther = 3 };
 std::atomic<int> forced{kNone};
 
+Backend backend_named(const std::string& name) {
+  return name.empty() ? kNone : name == "cpp" ? kCpp : name == "cuda" ? kCuda : kOther;
+}
+
 bool compiled_kernel_chosen(c10::DeviceType device) {
-  const char* env = std::getenv("FUSEDACCUM_BACKEND");
-  if (env != nullptr && *env != '\0') return false;
-  const int f = forced.load(std::memory_order_relaxed);
-  if (f == kNone) return true;  // the default on CPU is cpp; on CUDA, cuda once this kernel exists
-  return (f == kCpp && device == c10::DeviceType::CPU) || (f == kCuda && device == c10::DeviceType::CUDA);
+  int b = forced.load(std::memory_order_relaxed);
+  if (b == kNone) {
+    const char* env = std::getenv("FUSEDACCUM_BACKEND");
+    b = backend_named(env == nullptr ? "" : env);
+  }
+  if (b == kNone) return true;  // the default on CPU is cpp; on CUDA, cuda once this kernel exists
+  return (b == kCpp && device == c10::DeviceType::CPU) || (b == kCuda && device == c10::DeviceType::CUDA);
 }
 
 struct Handles {
@@ -38,7 +45,7 @@ struct Handles {
 };
 
 const Handles& handles_of(const c10::OperatorHandle& op) {
-  // Three ops: a static per name, found once.
+  // One op so far: a static per name, found once.
   static const Handles accumulate = {
       c10::Dispatcher::singleton().findSchemaOrThrow("fusedaccum_C::accumulate", ""),
       c10::Dispatcher::singleton().findSchemaOrThrow("fusedaccum::_accumulate_python", ""),
@@ -73,9 +80,7 @@ void public_op_entry(const c10::OperatorHandle& op, c10::DispatchKeySet /*keys*/
 
 torch::CppFunction public_op_kernel() { return torch::CppFunction::makeFromBoxedFunction<&public_op_entry>(); }
 
-void set_forced_backend(const std::string& name) {
-  forced.store(name.empty() ? kNone : name == "cpp" ? kCpp : name == "cuda" ? kCuda : kOther);
-}
+void set_forced_backend(const std::string& name) { forced.store(backend_named(name)); }
 
 TORCH_LIBRARY_IMPL(fusedaccum, CPU, m) { m.impl("accumulate", public_op_kernel()); }
 

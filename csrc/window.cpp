@@ -198,13 +198,14 @@ class Window : public std::enable_shared_from_this<Window> {
     for (const Item& it : items) params_[it.first].mutable_grad() = at::Tensor();
   }
 
-  // Folds the given p.grad of parameters (swap-in: gradients set by hand after the last backward).
-  void fold_grads_of(const std::vector<int64_t>& indices) {
+  // Folds every p.grad there is, leaving it in place (swap-in: gradients set by hand after the
+  // last backward join the window and stay, as in torch).
+  void fold_grads() {
     std::lock_guard<std::mutex> lock(mutex_);
     std::vector<Item> items;
-    for (int64_t i : indices) {
-      const at::Tensor& g = params_.at(i).grad();
-      if (g.defined()) items.emplace_back(i, g);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& g = params_[i].grad();
+      if (g.defined()) items.emplace_back(static_cast<int64_t>(i), g);
     }
     fold(items);
   }
@@ -223,15 +224,6 @@ class Window : public std::enable_shared_from_this<Window> {
       if (params_[i].grad().defined()) return static_cast<int64_t>(i);
     }
     return -1;
-  }
-
-  // Indices of parameters that have a p.grad.
-  std::vector<int64_t> with_grad() const {
-    std::vector<int64_t> out;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      if (params_[i].grad().defined()) out.push_back(static_cast<int64_t>(i));
-    }
-    return out;
   }
 
   void clear_grads() {
@@ -396,10 +388,9 @@ void bind_window(py::module_& m) {
       .def("set_mode", &Window::set_mode, R())
       .def("flush_all", &Window::flush_all, R())
       .def("fold_deferred", &Window::fold_deferred, R())
-      .def("fold_grads_of", &Window::fold_grads_of, R())
+      .def("fold_grads", &Window::fold_grads, R())
       .def("drop_deferred", &Window::drop_deferred, R())
       .def("first_grad", &Window::first_grad, R())
-      .def("with_grad", &Window::with_grad, R())
       .def("clear_grads", &Window::clear_grads, R())
       .def("restart", &Window::restart, R())
       .def("set_touched", &Window::set_touched, py::arg("touched"), py::arg("last") = false, R())

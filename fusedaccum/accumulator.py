@@ -338,6 +338,11 @@ class GradAccumulator:
             native = dispatch.backend_for(w.arena.device) in ("cpp", "cuda")
             w.set_mode(self._fold_scale, self._stats_now, in_backward, native)
 
+    def _set_swap_in_mode(self) -> None:
+        """Swap-in folds: the gradients as they are (the user's loss already carries 1/N), no norm."""
+        self._fold_scale, self._stats_now = 1.0, False
+        self._set_mode(in_backward=False)
+
     def _detach(self) -> None:
         """Takes this accumulator's hooks off the parameters; it can no longer be used."""
         _remove_hooks(self._windows)
@@ -364,8 +369,7 @@ class GradAccumulator:
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
-        self._fold_scale, self._stats_now = 1.0, False
-        self._set_mode(in_backward=False)
+        self._set_swap_in_mode()
         for w in self._windows:
             w.fold_deferred()
 
@@ -404,9 +408,8 @@ class GradAccumulator:
             self._check_untouched_grads(w)
             return w.touched
         # Hidden: a p.grad set by hand after the last backward joins the window (and stays, as in torch).
-        self._fold_scale, self._stats_now = 1.0, False
-        self._set_mode(in_backward=False)
-        w.fold_grads_of(w.with_grad())
+        self._set_swap_in_mode()
+        w.fold_grads()
         return w.touched
 
     def _optimizer_step(self) -> None:
@@ -420,7 +423,6 @@ class GradAccumulator:
                 "after each acc.backward() instead of optimizer.step()"
             )
         self._adopt_new_params()
-        self._fold_scale, self._stats_now = 1.0, False
         touched = self.optimizer._reconcile()
         factor, found_inf = self.optimizer._grad_scaler_inputs()
         if (factor or found_inf) and any(w.any_touched() for w in self._windows):

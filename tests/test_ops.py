@@ -173,9 +173,16 @@ def test_the_compiled_entry_follows_the_backend_choice(monkeypatch):
     monkeypatch.setenv("FUSEDACCUM_BACKEND", "torch")
     call()
     assert ran == ["torch", "torch"]
-    monkeypatch.delenv("FUSEDACCUM_BACKEND")
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "cpp")  # the compiled kernel, chosen in C++
     call()
     assert ran == ["torch", "torch"]
+    fa.set_backend("torch")  # set_backend() comes before the environment, as in dispatch.forced()
+    call()
+    assert ran == ["torch", "torch", "torch"]
+    fa.set_backend(None)
+    monkeypatch.delenv("FUSEDACCUM_BACKEND")
+    call()
+    assert ran == ["torch", "torch", "torch"]
 
 
 @pytest.mark.skipif(not dispatch.runs_on("triton", "cpu"), reason="needs the Triton interpreter")

@@ -78,7 +78,7 @@ def _fold_block(arena_ptr, arena_pos, g_addr, count, scale,
     return sq
 
 
-ROW_WORDS = 4  # table row: gradient address, arena offset, numel, first block
+ROW_WORDS = tl.constexpr(4)  # table row: gradient address, arena offset, numel, first block
 
 
 @triton.jit
@@ -92,10 +92,10 @@ def _accumulate_kernel(arena_ptr, table_ptr, num_rows, partials_ptr, scale,
     hi = lo + num_rows - 1  # (no .to() on num_rows: Triton makes an argument equal to 1 a constant)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        below = tl.load(table_ptr + 4 * mid + 3) <= pid
+        below = tl.load(table_ptr + ROW_WORDS * mid + 3) <= pid
         lo = tl.where(below, mid, lo)
         hi = tl.where(below, hi, mid - 1)
-    row = table_ptr + 4 * lo
+    row = table_ptr + ROW_WORDS * lo
     start = (pid - tl.load(row + 3)) * BLOCK  # first element of this block in its gradient
     arena_pos = tl.load(row + 1) + start
     count = tl.minimum(tl.load(row + 2) - start, BLOCK)
@@ -124,28 +124,27 @@ def _accumulate_kernel(arena_ptr, table_ptr, num_rows, partials_ptr, scale,
 # is passed biased into [2**31, 2**63) so that Triton types all of them int64 (it picks int32
 # for small values, which would compile one variant per pattern), and none is specialized.
 WORDS_PER_WRITE = 16
-_BIAS = 1 << 40
+_BIAS = tl.constexpr(1 << 40)
 
 
 @triton.jit(do_not_specialize=[f"w{k}" for k in range(WORDS_PER_WRITE)])
 def _write_words(dst, w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15):
-    BIAS: tl.constexpr = 1 << 40
-    tl.store(dst + 0, w0 - BIAS)
-    tl.store(dst + 1, w1 - BIAS)
-    tl.store(dst + 2, w2 - BIAS)
-    tl.store(dst + 3, w3 - BIAS)
-    tl.store(dst + 4, w4 - BIAS)
-    tl.store(dst + 5, w5 - BIAS)
-    tl.store(dst + 6, w6 - BIAS)
-    tl.store(dst + 7, w7 - BIAS)
-    tl.store(dst + 8, w8 - BIAS)
-    tl.store(dst + 9, w9 - BIAS)
-    tl.store(dst + 10, w10 - BIAS)
-    tl.store(dst + 11, w11 - BIAS)
-    tl.store(dst + 12, w12 - BIAS)
-    tl.store(dst + 13, w13 - BIAS)
-    tl.store(dst + 14, w14 - BIAS)
-    tl.store(dst + 15, w15 - BIAS)
+    tl.store(dst + 0, w0 - _BIAS)
+    tl.store(dst + 1, w1 - _BIAS)
+    tl.store(dst + 2, w2 - _BIAS)
+    tl.store(dst + 3, w3 - _BIAS)
+    tl.store(dst + 4, w4 - _BIAS)
+    tl.store(dst + 5, w5 - _BIAS)
+    tl.store(dst + 6, w6 - _BIAS)
+    tl.store(dst + 7, w7 - _BIAS)
+    tl.store(dst + 8, w8 - _BIAS)
+    tl.store(dst + 9, w9 - _BIAS)
+    tl.store(dst + 10, w10 - _BIAS)
+    tl.store(dst + 11, w11 - _BIAS)
+    tl.store(dst + 12, w12 - _BIAS)
+    tl.store(dst + 13, w13 - _BIAS)
+    tl.store(dst + 14, w14 - _BIAS)
+    tl.store(dst + 15, w15 - _BIAS)
 
 
 def table_on_device(words: list[int], device: torch.device, capturing: bool) -> torch.Tensor:
@@ -160,7 +159,7 @@ def table_on_device(words: list[int], device: torch.device, capturing: bool) -> 
     padded = words + [0] * (-len(words) % WORDS_PER_WRITE)
     table = torch.empty(len(padded), dtype=torch.int64, device=device)
     for k in range(0, len(padded), WORDS_PER_WRITE):
-        _write_words[(1,)](table[k:], *(w + _BIAS for w in padded[k:k + WORDS_PER_WRITE]))
+        _write_words[(1,)](table[k:], *(w + _BIAS.value for w in padded[k:k + WORDS_PER_WRITE]))
     return table[: len(words)]
 
 
@@ -181,7 +180,7 @@ def accumulate(arena, grads, offsets, scale, first, sumsq, found_inf) -> None:
     words, launches = [], []
     for dtype, items in groups.items():
         blocks = 0
-        launches.append((dtype, len(words) // ROW_WORDS, len(items)))
+        launches.append((dtype, len(words) // ROW_WORDS.value, len(items)))
         for g, off in items:
             words += (g.data_ptr(), off, g.numel(), blocks)
             blocks += -(-g.numel() // BLOCK)
@@ -196,7 +195,7 @@ def accumulate(arena, grads, offsets, scale, first, sumsq, found_inf) -> None:
         first_block = 0
         for dtype, first_row, num_rows, nblocks in launches:
             _accumulate_kernel[(nblocks,)](
-                arena, table[first_row * ROW_WORDS:], num_rows, partials[first_block:] if stats else partials,
+                arena, table[first_row * ROW_WORDS.value:], num_rows, partials[first_block:] if stats else partials,
                 float(scale), GRAD_DTYPE=TL_DTYPES[dtype], FIRST=bool(first), STATS=stats,
                 ARENA_ALIGNED=arena_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
             )

@@ -165,7 +165,6 @@ accumulate_kernel(A* arena, const __grid_constant__ Table table, int64_t chunk_l
 struct Launch {
   at::ScalarType grad_type;
   size_t begin, end;  // gradients [begin, end) of the call's dtype-ordered list
-  int32_t num_chunks;
   int grid;
   int64_t stats_at;  // workspace word of this launch's partials, then its `done` counter
 };
@@ -227,14 +226,13 @@ void accumulate_cuda(const at::Tensor& arena, at::TensorList grads, at::IntArray
   // One launch per run of at most kMaxRows gradients of one dtype.
   std::vector<Launch> launches;
   for (size_t i = 0; i < rows.size();) {
-    Launch l{types[i], i, i, 0, 0, 0};
+    Launch l{types[i], i, i, 0, 0};
     int64_t chunks = 0;
     while (l.end < rows.size() && types[l.end] == l.grad_type && l.end - l.begin < static_cast<size_t>(kMaxRows)) {
       chunks += (rows[l.end].numel + chunk_len - 1) / chunk_len;
       ++l.end;
     }
     TORCH_CHECK(chunks < (int64_t{1} << 31), "accumulate: too many chunks in one launch");
-    l.num_chunks = static_cast<int32_t>(chunks);
     l.grid = static_cast<int>(std::min<int64_t>(chunks, most_blocks));
     launches.push_back(l);
     i = l.end;

@@ -719,7 +719,9 @@ def host_job(s: Settings) -> list[Row]:
             # Paired rounds: the difference of two 70 ms backwards is a few percent of each, below
             # this host's drift between minutes, so each round times both and the median of the
             # per-round differences is the accumulator's cost.
-            pairs = [(s.clock.host_time(standard_backward, 1), s.clock.host_time(fused_backward, 1))
+            standard_backward(), fused_backward()  # warm-up
+            pairs = [(s.clock.host_time(standard_backward, 1, warmup=0, runs=1),
+                      s.clock.host_time(fused_backward, 1, warmup=0, runs=1))
                      for _ in range(5 if s.scale == "tiny" else 15)]
             standard_s = statistics.median(a for a, _ in pairs)
             fused_s = statistics.median(b for _, b in pairs)
@@ -739,8 +741,7 @@ def host_job(s: Settings) -> list[Row]:
             window = acc._windows[0]
             for p, g in zip(params, grads):
                 p.grad = g
-            indices = list(range(n))
-            in_cpp = s.clock.host_time(lambda: window.fold_grads_of(indices))
+            in_cpp = s.clock.host_time(window.fold_grads)
             for p in params:
                 p.grad = None
             rows.append(Row("host", layout, "fp32", b, "one call over every gradient", "torch._foreach_add_",

@@ -101,15 +101,15 @@ class Clock:
                 times[name].append(self._one_call(fn, setup))
         return {name: statistics.median(t) for name, t in times.items()}
 
-    def host_time(self, fn: Callable[[], object], calls: int = 20) -> float:
+    def host_time(self, fn: Callable[[], object], calls: int = 20, warmup: int = 3, runs: int = 5) -> float:
         """Seconds per call of issuing fn() back to back with warm caches: the host's cost. On
         CUDA the device is synchronized only after the calls, so that tiny kernels queue up and
-        the wall time is the host's. The best of five runs (host noise only ever adds)."""
-        for _ in range(3):
+        the wall time is the host's. The best of `runs` runs (host noise only ever adds)."""
+        for _ in range(warmup):
             fn()
         self.sync()
         best = float("inf")
-        for _ in range(5):
+        for _ in range(runs):
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()

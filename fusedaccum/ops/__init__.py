@@ -68,15 +68,8 @@ def define(schema: str, check: Callable, checked_in_cpp: bool = False) -> dict[s
         check(*args)
 
     def _run(*args):
-        backend = dispatch.backend_for(args[0].device)
-        if checked_in_cpp and backend in ("cpp", "cuda"):
-            try:
-                return table[backend](*args)
-            except RuntimeError:
-                check(*args)  # raises the ValueError that says what is wrong
-                raise
         check(*args)
-        table[backend](*args)
+        table[dispatch.backend_for(args[0].device)](*args)
 
     keys = ["CPU", "CUDA", "SparseCPU", "SparseCUDA"]  # the sparse keys only reach the checks
     if checked_in_cpp and dispatch.extension_loaded():
