@@ -1,6 +1,7 @@
 // The dtypes fusedaccum kernels take (fp32, bf16, fp16) and a dispatch macro over them.
-// Shared by the CPU and CUDA host code; the Python op layer rejects other dtypes with a
-// message before any kernel runs, the TORCH_CHECKs here only guard memory safety.
+// Shared by the CPU and CUDA host code. The public ops call these kernels with no Python
+// check first (csrc/public_ops.cpp), so the checks here refuse everything the Python checks
+// do; the Python checks then explain the refusal.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,9 +20,14 @@ namespace fusedaccum {
 
 inline const at::Tensor* opt_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
+inline bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+// Everything fusedaccum/ops' check_flat refuses, refused here too: the public op runs these
+// kernels without the Python checks (csrc/public_ops.cpp).
 inline void check_like_param(const char* op, const char* what, const at::Tensor& t, const at::Tensor& param) {
-  TORCH_CHECK(t.is_contiguous() && t.numel() == param.numel() && t.device() == param.device(), op, ": ", what,
-              " must be contiguous, of the parameter's size and on its device");
+  TORCH_CHECK(t.layout() == at::kStrided && t.dim() == 1 && t.is_contiguous() && is_float_type(t.scalar_type()) &&
+                  t.numel() == param.numel() && t.device() == param.device(),
+              op, ": ", what, " must be a flat contiguous float32/bfloat16/float16 tensor, of the parameter's size and on its device");
 }
 
 // The memory-safety checks of an optimizer step kernel, CPU or CUDA: every array (state arrays
@@ -50,8 +56,6 @@ inline void check_step_tensors(const char* op, const at::Tensor& param, const at
                 ": step, factor and found_inf must be one-element float32 tensors on the parameter's device");
   }
 }
-
-inline bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
 // Every argument check of fusedaccum_C::accumulate, CPU or CUDA: the public op calls the
 // compiled kernel without checking in Python first (a list of thousands of gradients), and

@@ -44,14 +44,28 @@ struct Handles {
   c10::OperatorHandle compiled, python, check;
 };
 
+Handles handles_named(const std::string& op) {
+  auto& dispatcher = c10::Dispatcher::singleton();
+  return {dispatcher.findSchemaOrThrow(("fusedaccum_C::" + op).c_str(), ""),
+          dispatcher.findSchemaOrThrow(("fusedaccum::_" + op + "_python").c_str(), ""),
+          dispatcher.findSchemaOrThrow(("fusedaccum::_" + op + "_check").c_str(), "")};
+}
+
 const Handles& handles_of(const c10::OperatorHandle& op) {
-  // One op so far: a static per name, found once.
-  static const Handles accumulate = {
-      c10::Dispatcher::singleton().findSchemaOrThrow("fusedaccum_C::accumulate", ""),
-      c10::Dispatcher::singleton().findSchemaOrThrow("fusedaccum::_accumulate_python", ""),
-      c10::Dispatcher::singleton().findSchemaOrThrow("fusedaccum::_accumulate_check", "")};
+  // Found once per op, on its first call (after Python registered its _python/_check ops).
   const std::string& name = op.schema().name();
-  if (name == "fusedaccum::accumulate") return accumulate;
+  if (name == "fusedaccum::accumulate") {
+    static const Handles accumulate = handles_named("accumulate");
+    return accumulate;
+  }
+  if (name == "fusedaccum::adam_step") {
+    static const Handles adam_step = handles_named("adam_step");
+    return adam_step;
+  }
+  if (name == "fusedaccum::sgd_step") {
+    static const Handles sgd_step = handles_named("sgd_step");
+    return sgd_step;
+  }
   TORCH_CHECK(false, "fusedaccum: no compiled entry for ", name);
 }
 
@@ -82,6 +96,8 @@ torch::CppFunction public_op_kernel() { return torch::CppFunction::makeFromBoxed
 
 void set_forced_backend(const std::string& name) { forced.store(backend_named(name)); }
 
-TORCH_LIBRARY_IMPL(fusedaccum, CPU, m) { m.impl("accumulate", public_op_kernel()); }
+TORCH_LIBRARY_IMPL(fusedaccum, CPU, m) {
+  for (const char* op : {"accumulate", "adam_step", "sgd_step"}) m.impl(op, public_op_kernel());
+}
 
 }  // namespace fusedaccum

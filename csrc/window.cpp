@@ -105,6 +105,7 @@ class Window : public std::enable_shared_from_this<Window> {
       py::gil_scoped_acquire gil;
       explain_ = py::object();
       on_deferred_ = py::object();
+      fold_listener_ = py::object();
     }
   }
 
@@ -241,6 +242,15 @@ class Window : public std::enable_shared_from_this<Window> {
     deferred_signalled_ = false;
   }
 
+  // listener(indices) is called after each fold with the parameters it folded (Python's data
+  // parallel path counts them per reduction bucket); None: no calls.
+  void set_fold_listener(py::object listener) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    py::gil_scoped_acquire gil;
+    fold_listener_ = std::move(listener);
+    has_listener_ = !fold_listener_.is_none();
+  }
+
   std::vector<bool> touched() const { return {touched_.begin(), touched_.end()}; }
   std::vector<bool> touched_last() const { return {touched_last_.begin(), touched_last_.end()}; }
   std::vector<bool> hooked() const { return {hooked_.begin(), hooked_.end()}; }
@@ -332,6 +342,12 @@ class Window : public std::enable_shared_from_this<Window> {
       touched_[it.first] = 1;
       touched_last_[it.first] = stats_now_;
     }
+    if (has_listener_) {
+      std::vector<int64_t> indices;
+      for (const Item& it : items) indices.push_back(it.first);
+      py::gil_scoped_acquire gil;
+      fold_listener_(indices);
+    }
   }
 
   at::Tensor grad_;
@@ -342,7 +358,8 @@ class Window : public std::enable_shared_from_this<Window> {
   at::Device device_{at::kCPU};
   bool full_;
   at::Tensor sumsq_, found_inf_;
-  py::object explain_, on_deferred_;
+  py::object explain_, on_deferred_, fold_listener_ = py::none();
+  bool has_listener_ = false;
   c10::TypedOperatorHandle<AccumulateFn> native_op_, public_op_;
 
   std::mutex mutex_;
@@ -393,6 +410,7 @@ void bind_window(py::module_& m) {
       .def("first_grad", &Window::first_grad, R())
       .def("clear_grads", &Window::clear_grads, R())
       .def("restart", &Window::restart, R())
+      .def("set_fold_listener", &Window::set_fold_listener, R())
       .def("set_touched", &Window::set_touched, py::arg("touched"), py::arg("last") = false, R())
       .def_property_readonly("touched", &Window::touched)
       .def_property_readonly("touched_last", &Window::touched_last)

@@ -107,6 +107,9 @@ class GradAccumulator:
         growth_factor: float = 2.0,
         backoff_factor: float = 0.5,
         growth_interval: int = 2000,
+        process_group=None,
+        shard_optimizer_state: bool = False,
+        reduce_bucket_numel: int | None = None,
     ):
         if not isinstance(optimizer, FusedOptimizer):
             raise TypeError(
@@ -128,6 +131,18 @@ class GradAccumulator:
             raise ValueError(f"accum_dtype must be torch.float32, torch.bfloat16, torch.float16 or None; got {accum_dtype}")
         if bucket_numel is not None:
             bucket_numel = _positive_int(bucket_numel, "bucket_numel")
+        if reduce_bucket_numel is not None:
+            reduce_bucket_numel = _positive_int(reduce_bucket_numel, "reduce_bucket_numel")
+        if process_group is not None and not self.full:
+            raise ValueError(
+                "process_group belongs to the full path: pass accumulation_steps=N and drive the loop with "
+                "acc.backward(loss) and acc.step(). In swap-in mode wrap the model in DistributedDataParallel as usual."
+            )
+        if shard_optimizer_state:
+            raise NotImplementedError(
+                "shard_optimizer_state=True (ZeRO-1) is not implemented yet; use process_group=... without it "
+                "(every rank keeps the whole optimizer state)"
+            )
         self._bucket_numel = bucket_numel
         if self.full and not any(p.requires_grad for a in optimizer.arenas for p in a.params):
             raise ValueError("the optimizer has no parameter that requires grad: nothing to accumulate")
@@ -168,6 +183,9 @@ class GradAccumulator:
         self._reset_counts()
         self._grad_norm = None
         self._found_inf = None
+        self._process_group = process_group
+        self._reduce_bucket_numel = reduce_bucket_numel
+        self._dp = None  # fusedaccum.distributed.DataParallel under process_group=...
         optimizer._accumulator = self
         self._attach_arenas(optimizer.arenas)
 
@@ -204,7 +222,9 @@ class GradAccumulator:
             )
         self._adopt_new_params()
         self._check_untouched_grads()
-        self._stats_now = self._micro_step == n - 1
+        last = self._micro_step == n - 1
+        # Data parallel: the norm and the non-finite flag are the reduced gradient's, read at the step.
+        self._stats_now = last and self._dp is None
         if self._stats_now:
             for sumsq, found_inf in self._stats.values():
                 sumsq.zero_()
@@ -212,6 +232,9 @@ class GradAccumulator:
         self._fold_scale = 1.0 if uses_items else 1.0 / n
         if self._scale is not None:
             loss = loss * self._scale
+        reduce_now = last and self._dp is not None
+        if reduce_now:
+            self._dp.start_last_micro_batch()
         self._set_mode(in_backward=True)
         try:
             loss.backward(**backward_kwargs)
@@ -219,6 +242,8 @@ class GradAccumulator:
             self._set_mode(in_backward=False)
             for w in self._windows:
                 w.flush_all()
+            if reduce_now:
+                self._dp.stop_listening()
         # After backward (and every end-of-backward callback, DistributedDataParallel's
         # all-reduce among them): a p.grad now did not come through the hooks.
         self._check_untouched_grads()
@@ -226,6 +251,8 @@ class GradAccumulator:
             # On the device, whatever num_items is: adding a Python number is a kernel with a
             # scalar argument, so no copy from the host happens (and a window can be captured).
             self._items.add_(num_items.to(self.device) if torch.is_tensor(num_items) else num_items)
+        if reduce_now:
+            self._dp.end_of_backward(self._items)
         self._micro_step += 1
 
     def step(self) -> bool:
@@ -249,6 +276,8 @@ class GradAccumulator:
         """Discards the current window: what was accumulated since the last step is dropped and
         the next micro-batch starts a new window (e.g. after an exception inside acc.backward())."""
         self._check_attached()
+        if self._dp is not None:
+            self._dp.discard()
         for w in self._windows:
             w.drop_deferred()
             w.restart()
@@ -281,13 +310,17 @@ class GradAccumulator:
         return self._found_inf is not None and bool(self._found_inf)
 
     def state_dict(self) -> dict:
+        # Data parallel, after the last backward and before the step: the reduced window.
+        reduced = self._dp is not None and self._micro_step == self.accumulation_steps
+        touched, items = self._dp.finish() if reduced else ([w.touched for w in self._windows], self._items)
         return {
             "micro_step": self._micro_step,
             "uses_items": self._uses_items,
-            "items": self._items.clone(),
-            "touched": [w.touched for w in self._windows],
+            "items": items.clone(),
+            "touched": touched,
             "grads": [w.arena.grad for w in self._windows],
             "loss_scale": None if self._scale is None else (self._scale, self._growth_tracker),
+            "reduced": reduced,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -305,6 +338,16 @@ class GradAccumulator:
         if state["loss_scale"] is not None and self._scale is not None:
             self._scale.copy_(state["loss_scale"][0])
             self._growth_tracker.copy_(state["loss_scale"][1])
+        if self._dp is not None:
+            self._dp.discard()
+            if state.get("reduced"):
+                self._dp.restore(state["touched"], self._items.clone())
+        elif state.get("reduced"):
+            raise ValueError(
+                "this accumulator state was saved by a data-parallel run between its last acc.backward() and "
+                "acc.step() (the gradients are already reduced across ranks): load it into an accumulator with "
+                "process_group=..., or save it at another point of the window"
+            )
 
     # -- attaching to the optimizer's arenas ------------------------------------------
 
@@ -327,6 +370,12 @@ class GradAccumulator:
             self._windows.append(w)
             self._window_of[id(arena)] = w
             w.hook_all()
+        if self._process_group is not None:
+            from fusedaccum.distributed import DataParallel
+
+            if self._dp is not None:
+                self._dp.discard()
+            self._dp = DataParallel(self._windows, self._process_group, self._reduce_bucket_numel)
 
     def _adopt_new_params(self) -> None:
         """Hooks parameters that started requiring grad after the accumulator was created."""
@@ -383,9 +432,9 @@ class GradAccumulator:
                     "a parameter of a full-path GradAccumulator has a p.grad that did not come through acc.backward(): "
                     "it was written after the accumulator took the gradient (DistributedDataParallel does this when it "
                     "all-reduces), set by hand, or left from a loss.backward() before the accumulator was attached. "
-                    "Under a DDP-wrapped model use swap-in mode (GradAccumulator(opt), loss.backward(), opt.step()) or, "
-                    "once available, the native data-parallel path (GradAccumulator(..., process_group=...)) on the "
-                    "unwrapped model; otherwise call acc.zero_grad() to drop stray gradients."
+                    "Under a DDP-wrapped model use swap-in mode (GradAccumulator(opt), loss.backward(), opt.step()) or "
+                    "the native data-parallel path on the unwrapped model (GradAccumulator(..., process_group=pg): it "
+                    "reduces the gradients itself); otherwise call acc.zero_grad() to drop stray gradients."
                 )
 
     # -- window boundaries --------------------------------------------------------------
@@ -406,6 +455,8 @@ class GradAccumulator:
             return self.optimizer._gather_grads(arena)  # visible gradients: p.grad is the truth
         if self.full:
             self._check_untouched_grads(w)
+            if self._dp is not None:
+                return self._dp.global_touched[self._windows.index(w)]  # any rank's gradient steps
             return w.touched
         # Hidden: a p.grad set by hand after the last backward joins the window (and stays, as in torch).
         self._set_swap_in_mode()
@@ -484,22 +535,37 @@ class GradAccumulator:
         return (self.max_grad_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
 
     def _close_window(self) -> None:
+        items = self._items
+        if self._dp is not None:
+            _, items = self._dp.finish()  # waits for the reductions; _reconcile then reads the union of touched
         touched = self.optimizer._reconcile()
         with torch.no_grad():
-            # Norm and inf flag of parameters whose last gradient came before the last micro-batch.
-            for w in self._windows:
-                sumsq, found_inf = self._stats[w.arena.device]
-                for i, (t, t_last) in enumerate(zip(w.touched, w.touched_last)):
-                    if t and not t_last:
-                        add_sum_of_squares(w.grad_views[i], sumsq, found_inf)
+            if self._dp is None:
+                # Norm and inf flag of parameters whose last gradient came before the last micro-batch.
+                for w in self._windows:
+                    sumsq, found_inf = self._stats[w.arena.device]
+                    for i, (t, t_last) in enumerate(zip(w.touched, w.touched_last)):
+                        if t and not t_last:
+                            add_sum_of_squares(w.grad_views[i], sumsq, found_inf)
+            else:
+                # The reduced gradient's (identical on every rank, so all clip and skip alike): one read pass.
+                for sumsq, found_inf in self._stats.values():
+                    sumsq.zero_()
+                    found_inf.zero_()
+                for w, t in zip(self._windows, touched):
+                    for a, b in w.arena.runs(t):
+                        lo, hi = w.arena.range_of(a, b)
+                        add_sum_of_squares(w.arena.grad[lo:hi], *self._stats[w.arena.device])
             devices = list(self._stats)
             sumsq = sum(self._stats[d][0].to(self.device) for d in devices)
             found_inf = torch.stack([self._stats[d][1].to(self.device) for d in devices]).amax()
             factor = torch.ones((), device=self.device)
+            if self._dp is not None and not self._uses_items:
+                factor = factor / self._dp.world  # the reduction summed the ranks' means
             if self._uses_items:
                 # A window without items (all padding) has no mean: it is skipped like a non-finite one.
-                found_inf = torch.maximum(found_inf, (self._items <= 0).float())
-                factor = (1.0 / self._items.clamp_min(1)).float()
+                found_inf = torch.maximum(found_inf, (items <= 0).float())
+                factor = (1.0 / items.clamp_min(1)).float()
             if self._scale is not None:
                 factor = factor / self._scale
             self._grad_norm = sumsq.sqrt() * factor
@@ -515,6 +581,8 @@ class GradAccumulator:
                 torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf, *self._growth)
         for w in self._windows:
             w.restart()
+        if self._dp is not None:
+            self._dp.discard()
         self._reset_counts()
 
 

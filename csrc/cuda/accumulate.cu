@@ -291,6 +291,8 @@ void accumulate_cuda(const at::Tensor& arena, at::TensorList grads, at::IntArray
 TORCH_LIBRARY_IMPL(fusedaccum_C, CUDA, m) { m.impl("accumulate", &accumulate_cuda); }
 
 // The public op's compiled entry on CUDA (csrc/public_ops.cpp).
-TORCH_LIBRARY_IMPL(fusedaccum, CUDA, m) { m.impl("accumulate", public_op_kernel()); }
+TORCH_LIBRARY_IMPL(fusedaccum, CUDA, m) {
+  for (const char* op : {"accumulate", "adam_step", "sgd_step"}) m.impl(op, public_op_kernel());
+}
 
 }  // namespace fusedaccum

@@ -43,15 +43,15 @@ def _triton_kernel(name: str) -> Callable:
     return run
 
 
-def define(schema: str, check: Callable, checked_in_cpp: bool = False) -> dict[str, Callable]:
+def define(schema: str, check: Callable) -> dict[str, Callable]:
     """Registers fusedaccum::<schema> and returns its backend table.
 
-    checked_in_cpp: the compiled kernels check every argument the Python `check` does (ops
-    that take lists of thousands of tensors, where the walk in Python costs more than the
-    launch). The extension then registers the op's CPU (and CUDA) kernel itself
-    (csrc/public_ops.cpp): the compiled kernel straight from the dispatcher when cpp/cuda is
-    the backend, else fusedaccum::_<name>_python below; `check` runs only to explain a
-    refusal, as fusedaccum::_<name>_check.
+    The compiled kernels check every argument `check` does, so when the extension is loaded
+    it registers the op's CPU (and CUDA) kernel itself (csrc/public_ops.cpp): the compiled
+    kernel straight from the dispatcher when cpp/cuda is the backend (no Python on the way:
+    a list of thousands of gradients costs more to walk in Python than to launch), else
+    fusedaccum::_<name>_python below; `check` runs only to explain a refusal, as
+    fusedaccum::_<name>_check. Without the extension every key runs `_run` below.
     """
     name = schema.split("(", 1)[0]
     qualname = f"fusedaccum::{name}"
@@ -72,7 +72,7 @@ def define(schema: str, check: Callable, checked_in_cpp: bool = False) -> dict[s
         table[dispatch.backend_for(args[0].device)](*args)
 
     keys = ["CPU", "CUDA", "SparseCPU", "SparseCUDA"]  # the sparse keys only reach the checks
-    if checked_in_cpp and dispatch.extension_loaded():
+    if dispatch.extension_loaded():
         for suffix, kernel in (("python", _run), ("check", check)):
             torch.library.define(f"fusedaccum::_{name}_{suffix}", schema[len(name):])
             torch.library.impl(f"fusedaccum::_{name}_{suffix}", ["CPU", "CUDA"], kernel)

@@ -52,5 +52,5 @@ def check(arena, grads, offsets, scale, first, sumsq, found_inf) -> None:
     check_scalar(found_inf, "found_inf", arena)
 
 
-KERNELS = define(SCHEMA, check, checked_in_cpp=True)
+KERNELS = define(SCHEMA, check)
 

@@ -1,0 +1,511 @@
+"""The native data-parallel path, GradAccumulator(..., process_group=pg), on gloo (CPU).
+
+Every case runs in one spawn per world size (2 and 3 ranks), each case in its own process
+group, and leaves its results in files; the tests then compare:
+
+* against DDP + no_sync() on every micro-batch but the last + torch.optim (clip_grad_norm_ on
+  the reduced gradient where the case clips), different data on every rank: fp32 within 1e-6
+  relative, bf16 parameters with master weights within a bf16 ulp or two;
+* a parameter used on one rank only in some windows: it steps on every rank with the mean of
+  what the ranks gave (the others add zero), as DDP with find_unused_parameters does;
+* num_items, a different count on every rank: the single-process mean over all items of all ranks;
+* a non-finite gradient on one rank: every rank skips the window, the parameters stay bit-identical;
+* collectives: one all-reduce per bucket plus the window's summary, none before the last micro-batch;
+* a checkpoint in the middle of a window and one between the last backward and the step resume exactly.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusedaccum as fa
+from fusedaccum import dispatch
+
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+WORLDS = (2, 3)
+WINDOWS = 3
+MICRO = 3
+CLIP = 0.05  # small enough that every window clips
+PG_TIMEOUT_S = 30
+SPAWN_TIMEOUT_S = 240
+FP32_RTOL = 1e-6
+# bf16: the reference accumulates and reduces bf16 gradients where fa accumulates and reduces fp32
+# ones (and clips by the norm of those), so the parameters may differ in their last bits: up to 3
+# bf16 ulps at the largest weight, while one missed or doubled AdamW update (lr = 2e-2) is 10.
+BF16_ULPS = 3
+CPU_BACKENDS = [b for b in dispatch.BACKENDS if dispatch.runs_on(b, "cpu")]
+REF = "torch.optim"
+BUCKETS = dict(bucket_numel=64, reduce_bucket_numel=100)  # several folds and reductions per backward
+
+
+@dataclass(frozen=True)
+class Case:
+    opt: str  # AdamW, Adam, SGD
+    clip: bool
+    dtype: str = "fp32"  # or bf16 (+ master_weights)
+
+    @property
+    def id(self) -> str:
+        return f"{self.opt}-{'clip' if self.clip else 'noclip'}-{self.dtype}"
+
+
+CASES = [Case(o, c) for o in ("AdamW", "Adam", "SGD") for c in (False, True)] + [Case("AdamW", True, "bf16")]
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+        self.extra = nn.Linear(8, 4)
+
+    def forward(self, x, use_extra=True):
+        y = self.fc2(torch.tanh(self.fc1(x)))
+        return y + self.extra(x) if use_extra else y
+
+
+def _batch(rank: int, window: int, micro: int, rows: int = 4):
+    g = torch.Generator().manual_seed(1000 * rank + 10 * window + micro)
+    return torch.randn(rows, 8, generator=g), torch.randn(rows, 4, generator=g)
+
+
+def _opt(lib, case: Case, params):
+    kw = dict(lr=5e-2, momentum=0.9, weight_decay=1e-2) if case.opt == "SGD" else dict(lr=2e-2, weight_decay=0.1)
+    if lib is fa and case.dtype == "bf16":
+        kw["master_weights"] = True
+    return getattr(lib, case.opt)(params, **kw)
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def _model(rank: int, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(100 + rank)  # the ranks start apart: rank 0's parameters are broadcast
+    return _Net().to(dtype)
+
+
+# -- the runs (inside the spawned ranks) ------------------------------------------------------
+
+
+def _ref_ddp(case: Case, rank: int, pg):
+    dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
+    model = _model(rank, dtype)
+    ddp = nn.parallel.DistributedDataParallel(model, process_group=pg, bucket_cap_mb=1e-4)
+    masters = None
+    if case.dtype == "bf16":
+        masters = [p.detach().float().clone().requires_grad_() for p in model.parameters()]
+        opt = _opt(torch.optim, case, masters)
+    else:
+        opt = _opt(torch.optim, case, model.parameters())
+    for w in range(WINDOWS):
+        for m in range(MICRO):
+            x, y = _batch(rank, w, m)
+            ctx = ddp.no_sync() if m < MICRO - 1 else _null()
+            with ctx:
+                (F.mse_loss(ddp(x.to(dtype)).float(), y) / MICRO).backward()
+        if masters is not None:
+            for p, mp_ in zip(model.parameters(), masters):
+                mp_.grad = p.grad.float()
+            model.zero_grad()
+        params = masters if masters is not None else list(model.parameters())
+        if case.clip:
+            torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        opt.zero_grad()
+        if masters is not None:
+            with torch.no_grad():
+                for p, mp_ in zip(model.parameters(), masters):
+                    p.copy_(mp_)
+    return _snapshot(model)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _fa(case: Case, rank: int, pg):
+    dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
+    model = _model(rank, dtype)
+    acc = fa.GradAccumulator(_opt(fa, case, model.parameters()), accumulation_steps=MICRO,
+                             max_grad_norm=CLIP if case.clip else None, process_group=pg, **BUCKETS)
+    norms = []
+    for w in range(WINDOWS):
+        for m in range(MICRO):
+            x, y = _batch(rank, w, m)
+            acc.backward(F.mse_loss(model(x.to(dtype)).float(), y))
+            acc.step()
+        norms.append(float(acc.grad_norm))
+    return {"params": _snapshot(model), "norms": norms}
+
+
+def _uses_extra(rank: int, w: int, m: int) -> bool:
+    return w % 2 == 0 and rank == 0 and m == 0  # one rank, one micro-batch, every other window
+
+
+def _ref_unused(rank: int, world: int, pg):
+    """DDP + no_sync semantics written out: local sums, the mean over ranks where any rank has a gradient."""
+    model = _model(0)  # rank 0's start, as the broadcast gives fa
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.1)
+    for w in range(WINDOWS):
+        for m in range(MICRO):
+            x, y = _batch(rank, w, m)
+            (F.mse_loss(model(x, _uses_extra(rank, w, m)), y) / MICRO).backward()
+        for p in model.parameters():
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            has = torch.tensor([float(p.grad is not None)])
+            dist.all_reduce(g, group=pg)
+            dist.all_reduce(has, group=pg)
+            p.grad = g / world if has.item() > 0 else None
+        opt.step()
+        opt.zero_grad()
+    return _snapshot(model)
+
+
+def _fa_unused(rank: int, world: int, pg):
+    model = _model(rank)
+    acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2, weight_decay=0.1), accumulation_steps=MICRO,
+                             process_group=pg, **BUCKETS)
+    for w in range(WINDOWS):
+        for m in range(MICRO):
+            x, y = _batch(rank, w, m)
+            acc.backward(F.mse_loss(model(x, _uses_extra(rank, w, m)), y))
+            acc.step()
+    return _snapshot(model)
+
+
+def _items_rows(rank: int, w: int, m: int) -> int:
+    return 1 + (3 * rank + 2 * w + m) % 5  # a different count on every rank and micro-batch
+
+
+def _ref_items(world: int):
+    """One process, one large batch: the mean over every item of every rank's micro-batches."""
+    model = _model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for w in range(WINDOWS):
+        xs, ys = zip(*[_batch(r, w, m, _items_rows(r, w, m)) for r in range(world) for m in range(MICRO)])
+        F.mse_loss(model(torch.cat(xs)), torch.cat(ys), reduction="sum").div(torch.cat(ys).shape[0] * 4).backward()
+        opt.step()
+        opt.zero_grad()
+    return _snapshot(model)
+
+
+def _fa_items(rank: int, pg):
+    model = _model(rank)
+    acc = fa.GradAccumulator(fa.SGD(model.parameters(), lr=0.1, momentum=0.9), accumulation_steps=MICRO,
+                             process_group=pg, **BUCKETS)
+    for w in range(WINDOWS):
+        for m in range(MICRO):
+            x, y = _batch(rank, w, m, _items_rows(rank, w, m))
+            acc.backward(F.mse_loss(model(x), y, reduction="sum"), num_items=y.numel())
+            acc.step()
+    return _snapshot(model)
+
+
+def _fa_nonfinite(rank: int, pg):
+    model = _model(rank)
+    acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=1.0,
+                             process_group=pg, **BUCKETS)
+    out = {}
+    for w in range(WINDOWS):
+        before = _snapshot(model)
+        for m in range(MICRO):
+            x, y = _batch(rank, w, m)
+            if w == 1 and rank == 1 and m == 0:
+                x[0, 0] = float("inf")  # one rank, one micro-batch
+            acc.backward(F.mse_loss(model(x), y))
+            acc.step()
+        out[w] = {"skipped": acc.step_skipped, "moved": any(not torch.equal(before[n], v) for n, v in _snapshot(model).items())}
+    out["params"] = _snapshot(model)
+    return out
+
+
+def _fa_count(rank: int, pg):
+    """Counts the all-reduces fusedaccum issues, after each micro-batch and at each step."""
+    calls = []
+    real = dist.all_reduce
+
+    def counting(tensor, *a, **k):
+        calls.append(tensor.numel())
+        return real(tensor, *a, **k)
+
+    model = _model(rank)
+    acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=1.0,
+                             process_group=pg, **BUCKETS)
+    dist.all_reduce = counting
+    log = []
+    try:
+        for w in range(2):
+            for m in range(MICRO):
+                x, y = _batch(rank, w, m)
+                acc.backward(F.mse_loss(model(x), y))
+                log.append(("backward", w, m, len(calls)))
+                acc.step()
+                log.append(("step", w, m, len(calls)))
+    finally:
+        dist.all_reduce = real
+    return {"log": log, "buckets": len(acc._dp.buckets), "sizes": calls}
+
+
+def _build_adamw(rank: int, pg):
+    model = _model(rank)
+    acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=CLIP,
+                             process_group=pg, **BUCKETS)
+    return model, acc
+
+
+def _save_and_rebuild(model, acc, rank: int, pg):
+    """torch.save and torch.load of everything, then a new model, optimizer and accumulator that load it."""
+    saved = torch.load(_roundtrip({"model": model.state_dict(), "opt": acc.optimizer.state_dict(),
+                                   "acc": acc.state_dict()}), weights_only=False)
+    model, acc = _build_adamw(rank, pg)
+    model.load_state_dict(saved["model"])
+    acc.optimizer.load_state_dict(saved["opt"])
+    acc.load_state_dict(saved["acc"])
+    return model, acc
+
+
+def _fa_resume(rank: int, after_backward: bool, pg):
+    """Saves and resumes in window 1: after its first micro-batch, or after its last backward (the
+    gradients reduced, the step not taken)."""
+    model, acc = _build_adamw(rank, pg)
+    for w in range(WINDOWS):
+        for m in range(MICRO):
+            if w == 1 and m == 1 and not after_backward:
+                model, acc = _save_and_rebuild(model, acc, rank, pg)
+            x, y = _batch(rank, w, m)
+            acc.backward(F.mse_loss(model(x), y))
+            if w == 1 and m == MICRO - 1 and after_backward:
+                model, acc = _save_and_rebuild(model, acc, rank, pg)
+            acc.step()
+    return _snapshot(model)
+
+
+def _fa_plain(rank: int, pg):
+    model, acc = _build_adamw(rank, pg)
+    for w in range(WINDOWS):
+        for m in range(MICRO):
+            x, y = _batch(rank, w, m)
+            acc.backward(F.mse_loss(model(x), y))
+            acc.step()
+    return _snapshot(model)
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def _fa_mismatch(rank: int, pg):
+    model = nn.Linear(8, 4 + rank)  # a different shape on every rank
+    try:
+        fa.GradAccumulator(fa.SGD(model.parameters(), lr=0.1), accumulation_steps=2, process_group=pg)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _guard(fn, *args) -> dict:
+    try:
+        return {"ok": fn(*args)}
+    except BaseException:  # noqa: BLE001 - the test reports it
+        return {"error": traceback.format_exc()}
+
+
+def _worker(rank: int, world: int, init_method: str, out_dir: str, backends: list[str]) -> None:
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=PG_TIMEOUT_S)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+    results: dict = {}
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+
+    def run(key, backend, fn, *args):
+        pg = dist.new_group(backend="gloo", timeout=timeout)
+        fa.set_backend(backend)
+        try:
+            results[key] = _guard(fn, *args, pg)
+        finally:
+            fa.set_backend(None)
+            dist.destroy_process_group(pg)
+        torch.save(results, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    for case in CASES:
+        run((REF, case.id), None, _ref_ddp, case, rank)
+    run((REF, "unused"), None, _ref_unused, rank, world)
+    for b in backends:
+        for case in CASES:
+            run((b, case.id), b, _fa, case, rank)
+        run((b, "unused"), b, _fa_unused, rank, world)
+        run((b, "items"), b, _fa_items, rank)
+        run((b, "nonfinite"), b, _fa_nonfinite, rank)
+        run((b, "count"), b, _fa_count, rank)
+        run((b, "plain"), b, _fa_plain, rank)
+        run((b, "resume-mid"), b, _fa_resume, rank, False)
+        run((b, "resume-reduced"), b, _fa_resume, rank, True)
+        run((b, "mismatch"), b, _fa_mismatch, rank)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=WORLDS, ids=[f"{w}ranks" for w in WORLDS])
+def spawned(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"dp{world}")
+    start = time.monotonic()
+    ctx = mp.spawn(_worker, args=(world, f"tcp://127.0.0.1:{_free_port()}", str(out), CPU_BACKENDS), nprocs=world,
+                   join=False)
+    failure = None
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() - start > SPAWN_TIMEOUT_S:
+                failure = f"the {world}-rank spawn did not finish in {SPAWN_TIMEOUT_S} s (a hang in a collective?)"
+                break
+    except Exception as e:
+        failure = f"a rank failed: {e}"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    ranks = []
+    for r in range(world):
+        f = out / f"rank{r}.pt"
+        ranks.append(torch.load(f, weights_only=False) if f.exists() else {})
+    return world, ranks, failure
+
+
+def _results(spawned, key) -> list:
+    world, ranks, failure = spawned
+    out = []
+    for rank in range(world):
+        if key not in ranks[rank]:
+            pytest.fail(f"no result for {key} on rank {rank}: {failure or 'the worker did not reach it'}")
+        res = ranks[rank][key]
+        if "error" in res:
+            pytest.fail(f"{key} raised on rank {rank}:\n{res['error']}")
+        out.append(res["ok"])
+    return out
+
+
+def _backend(device_backend) -> str:
+    device, backend = device_backend
+    if device.type != "cpu":
+        pytest.skip("data parallel is tested with gloo on CPU tensors (several processes on one machine)")
+    return backend
+
+
+def _close(got: dict, want: dict, dtype: str, what: str) -> list[str]:
+    problems = []
+    for name, w in want.items():
+        err, scale = (got[name] - w).abs().max().item(), w.abs().max().item()
+        tol = FP32_RTOL * scale if dtype == "fp32" else BF16_ULPS * 2.0 ** (math.floor(math.log2(scale)) - 7)
+        if not err <= tol:
+            problems.append(f"{what} {name}: max |fa - reference| = {err:.3g} > {tol:.3g} (max |reference| {scale:.3g})")
+    return problems
+
+
+def _identical_across_ranks(per_rank: list[dict], what: str) -> None:
+    for rank, snap in enumerate(per_rank[1:], 1):
+        for name, t in snap.items():
+            assert torch.equal(t, per_rank[0][name]), f"{what}: rank {rank} and rank 0 differ in {name}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_matches_ddp_no_sync_and_torch_optim(case, device_backend, spawned):
+    b = _backend(device_backend)
+    refs, got = _results(spawned, (REF, case.id)), _results(spawned, (b, case.id))
+    _identical_across_ranks(refs, "the DDP reference")
+    _identical_across_ranks([g["params"] for g in got], "fa")
+    problems = [p for r in range(len(refs)) for p in _close(got[r]["params"], refs[r], case.dtype, f"rank {r}")]
+    assert not problems, "data parallel differs from DDP + no_sync + torch.optim:\n" + "\n".join(problems)
+    assert len({tuple(g["norms"]) for g in got}) == 1, "the ranks see different gradient norms"
+
+
+def test_a_parameter_used_on_one_rank_steps_everywhere(device_backend, spawned):
+    b = _backend(device_backend)
+    refs, got = _results(spawned, (REF, "unused")), _results(spawned, (b, "unused"))
+    _identical_across_ranks(got, "fa")
+    problems = [p for r in range(len(refs)) for p in _close(got[r], refs[r], "fp32", f"rank {r}")]
+    assert not problems, "\n".join(problems)
+
+
+def test_num_items_is_the_mean_over_every_rank(device_backend, spawned):
+    b = _backend(device_backend)
+    world = spawned[0]
+    got = _results(spawned, (b, "items"))
+    want = _ref_items(world)
+    _identical_across_ranks(got, "fa")
+    problems = _close(got[0], want, "fp32", "rank 0")
+    assert not problems, "\n".join(problems)
+
+
+def test_a_non_finite_gradient_on_one_rank_skips_the_window_everywhere(device_backend, spawned):
+    b = _backend(device_backend)
+    got = _results(spawned, (b, "nonfinite"))
+    for rank, res in enumerate(got):
+        assert res[1] == {"skipped": True, "moved": False}, f"rank {rank}, the window with the inf: {res[1]}"
+        for w in (0, 2):
+            assert res[w] == {"skipped": False, "moved": True}, f"rank {rank}, window {w}: {res[w]}"
+    _identical_across_ranks([r["params"] for r in got], "after a skipped window")
+
+
+def test_one_reduction_per_bucket_and_none_before_the_last_micro_batch(device_backend, spawned):
+    b = _backend(device_backend)
+    for rank, res in enumerate(_results(spawned, (b, "count"))):
+        per_window = res["buckets"] + 1  # the buckets, and the window's summary (items, which parameters stepped)
+        assert res["buckets"] >= 3, "the test model should span several buckets"
+        for kind, w, m, n in res["log"]:
+            want = w * per_window + (per_window if m == MICRO - 1 else 0)
+            assert n == want, f"rank {rank}: after {kind} of window {w} micro-batch {m}, {n} all-reduces; want {want}"
+
+
+@pytest.mark.parametrize("where", ["resume-mid", "resume-reduced"])
+def test_resume_per_rank(where, device_backend, spawned):
+    b = _backend(device_backend)
+    want, got = _results(spawned, (b, "plain")), _results(spawned, (b, where))
+    for rank in range(len(got)):
+        for name, t in want[rank].items():
+            assert torch.equal(got[rank][name], t), f"rank {rank}: {name} differs after resuming ({where})"
+
+
+def test_ranks_with_different_parameters_are_refused(device_backend, spawned):
+    b = _backend(device_backend)
+    for rank, message in enumerate(_results(spawned, (b, "mismatch"))):
+        assert message is not None and "same parameters on every rank" in message, f"rank {rank}: {message}"
+
+
+def test_process_group_needs_torch_distributed_and_the_full_path():
+    model = nn.Linear(4, 4)
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            fa.GradAccumulator(fa.SGD(model.parameters(), lr=0.1), accumulation_steps=2, process_group=object())
+    with pytest.raises(ValueError, match="full path"):
+        fa.GradAccumulator(fa.SGD(model.parameters(), lr=0.1), process_group=object())
