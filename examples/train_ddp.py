@@ -20,11 +20,13 @@ import torch.nn.functional as F
 
 import fusedaccum as fa
 
+VOCAB = 64
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--windows", type=int, default=20)
+    parser.add_argument("--windows", type=int, default=30)
     parser.add_argument("--accumulation-steps", type=int, default=4)
     args = parser.parse_args()
 
@@ -35,17 +37,18 @@ def main() -> None:
         torch.cuda.set_device(device)
 
     torch.manual_seed(0)  # rank 0's parameters are broadcast anyway when the accumulator is built
-    model = nn.Sequential(nn.Embedding(1000, 128), nn.Flatten(), nn.Linear(128 * 16, 256), nn.GELU(), nn.Linear(256, 1000))
+    model = nn.Sequential(nn.Embedding(VOCAB, 128), nn.Flatten(), nn.Linear(128 * 16, 256), nn.GELU(), nn.Linear(256, VOCAB))
     model.to(device)
-    opt = fa.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    opt = fa.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     acc = fa.GradAccumulator(opt, accumulation_steps=args.accumulation_steps, max_grad_norm=1.0,
                              process_group=dist.group.WORLD)
 
     data = torch.Generator().manual_seed(1234 + rank)  # each rank reads its own shard of the data
     for window in range(args.windows):
         for _ in range(args.accumulation_steps):
-            tokens = torch.randint(0, 1000, (8, 17), generator=data).to(device)
-            loss = F.cross_entropy(model(tokens[:, :16]), tokens[:, 16], reduction="sum")
+            tokens = torch.randint(0, VOCAB, (8, 16), generator=data).to(device)
+            target = tokens[:, 3]  # a task the model can learn: name the fourth token
+            loss = F.cross_entropy(model(tokens), target, reduction="sum")
             acc.backward(loss, num_items=tokens.shape[0])  # the window's mean over every rank's items
             if acc.step():
                 if rank == 0 and window % 5 == 0:
