@@ -35,7 +35,6 @@ from fusedaccum import dispatch
 from fusedaccum.arena import Arena
 from fusedaccum.ops.accumulate import DENSE_ONLY
 from fusedaccum.optim import FusedOptimizer
-from fusedaccum.reference import add_sum_of_squares
 
 # Elements per launch of folding (a larger parameter is its own bucket). On a CPU a bucket the
 # size of L2 is folded while its gradients are still in cache (2,000 x 4K window: 10% faster
@@ -524,9 +523,7 @@ class GradAccumulator:
         sumsq = torch.zeros((), dtype=torch.float32, device=self.device)
         for arena, t in zip(self.optimizer.arenas, touched):
             part = torch.zeros((), dtype=torch.float32, device=arena.device)
-            for a, b in arena.runs(t):
-                lo, hi = arena.range_of(a, b)
-                add_sum_of_squares(arena.grad[lo:hi], part, None)
+            _add_squares([arena.grad[slice(*arena.range_of(a, b))] for a, b in arena.runs(t)], part, None)
             sumsq += part.to(self.device)
         return sumsq
 
@@ -543,19 +540,16 @@ class GradAccumulator:
             if self._dp is None:
                 # Norm and inf flag of parameters whose last gradient came before the last micro-batch.
                 for w in self._windows:
-                    sumsq, found_inf = self._stats[w.arena.device]
-                    for i, (t, t_last) in enumerate(zip(w.touched, w.touched_last)):
-                        if t and not t_last:
-                            add_sum_of_squares(w.grad_views[i], sumsq, found_inf)
+                    views = [w.grad_views[i] for i, (t, t_last) in enumerate(zip(w.touched, w.touched_last)) if t and not t_last]
+                    _add_squares(views, *self._stats[w.arena.device])
             else:
                 # The reduced gradient's (identical on every rank, so all clip and skip alike): one read pass.
                 for sumsq, found_inf in self._stats.values():
                     sumsq.zero_()
                     found_inf.zero_()
                 for w, t in zip(self._windows, touched):
-                    for a, b in w.arena.runs(t):
-                        lo, hi = w.arena.range_of(a, b)
-                        add_sum_of_squares(w.arena.grad[lo:hi], *self._stats[w.arena.device])
+                    runs = [w.arena.grad[slice(*w.arena.range_of(a, b))] for a, b in w.arena.runs(t)]
+                    _add_squares(runs, *self._stats[w.arena.device])
             devices = list(self._stats)
             sumsq = sum(self._stats[d][0].to(self.device) for d in devices)
             found_inf = torch.stack([self._stats[d][1].to(self.device) for d in devices]).amax()
@@ -584,6 +578,22 @@ class GradAccumulator:
         if self._dp is not None:
             self._dp.discard()
         self._reset_counts()
+
+
+def _add_squares(tensors: list[torch.Tensor], sumsq: torch.Tensor, found_inf: torch.Tensor | None) -> None:
+    """sumsq += the sum of every element squared; found_inf = 1 where one is not finite.
+
+    For the ranges no fold measured (swap-in clipping, the reduced gradient of data parallel,
+    parameters last folded before the last micro-batch): one read pass through torch's fp32
+    norm (cascade summation, every thread; 20x faster on a CPU than a float64 sum). A norm past
+    1.8e19, whose fp32 square overflows, reads as non-finite: the window is skipped as for an inf.
+    """
+    if not tensors:
+        return
+    total = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]).square().sum()
+    sumsq += total
+    if found_inf is not None:
+        found_inf.copy_(torch.where(total.isfinite(), found_inf, torch.ones_like(found_inf)))
 
 
 def _is_number(x) -> bool:

@@ -1,6 +1,7 @@
 """Smoke test of fusedaccum-bench: main() in-process on toy sizes writes a complete run."""
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -52,3 +53,19 @@ def test_bench_cli_writes_a_complete_run(tmp_path):
                       r["standard_pct_of_reference"], r["fused_pct_of_reference"]):
             assert math.isfinite(value) and value > 0, r
         assert r["ratio"] == pytest.approx(r["standard_s"] / r["fused_s"])
+
+
+def test_bench_data_parallel_section(tmp_path):
+    """Two gloo processes: DDP with and without no_sync against process_group=, plus the bytes sent."""
+    argv = ["--device", "cpu", "--tiny", "--cases", "data-parallel", "--accumulation-steps", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    runs = [p for p in tmp_path.glob("*.json") if not p.name.startswith("latest-")]
+    run = json.loads(runs[0].read_text())
+    rows = run["rows"]
+    assert [r["standard"] for r in rows] == ["DDP, every micro-batch", "DDP + no_sync()"]
+    assert all(r["section"] == "data-parallel" and r["fused"] == "process_group=" and r["fused_s"] > 0 for r in rows)
+    note = next(n for n in run["notes"] if n.startswith("data-parallel"))
+    # fp32, 2 micro-batches: DDP reduces 4 B per parameter per reduction; fusedaccum once per window.
+    sent = {side: float(x) for side, x in re.findall(r"(DDP, every micro-batch|DDP \+ no_sync\(\)|process_group=) ([\d.]+)[,;]", note)}
+    assert sent["DDP, every micro-batch"] == 8.0 and sent["DDP + no_sync()"] == 4.0
+    assert 4.0 <= sent["process_group="] < 4.1, "the arena's alignment padding and the window's summary: a few elements"

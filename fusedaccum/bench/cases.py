@@ -9,6 +9,8 @@ every selected backend, after checking that both compute the same thing):
   window       N micro-batches of a real backward + the boundary
   sweep        one tensor of 2^16.. elements: accumulate and AdamW step, for GB/s vs size
   end-to-end   the seed training loop and a small transformer LM, optimizer steps per second
+  host         thousands of tiny gradients: the host's time per gradient and per call
+  data-parallel  2 processes on gloo: DDP (with and without no_sync) against process_group=
 
 GB/s always counts the floor bytes of DESIGN.md (the bytes fusedaccum must move), for the
 standard side too, so GB/s ratios equal time ratios and "% of copy" says how close each side
@@ -33,7 +35,7 @@ from fusedaccum.bench.timing import Clock
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_GRAD_NORM = 1.0
 PRECISION_MICRO_BATCHES = 16
-SECTIONS = ("accumulate", "boundary", "window", "sweep", "end-to-end", "host")
+SECTIONS = ("accumulate", "boundary", "window", "sweep", "end-to-end", "host", "data-parallel")
 
 # -- floors (DESIGN.md, bytes per parameter) ----------------------------------------------
 
@@ -780,4 +782,11 @@ def plan(s: Settings, sections: list[str]) -> list[Job]:
     if "end-to-end" in sections:
         for model_name in ("seed", "transformer-lm"):
             jobs.append(Job(f"end-to-end {model_name}", functools.partial(end_to_end_job, s, model_name)))
+    if "data-parallel" in sections:
+        if s.device.type == "cpu" and torch.distributed.is_available() and torch.distributed.is_gloo_available():
+            from fusedaccum.bench.data_parallel import data_parallel_job
+
+            jobs.append(Job("data-parallel", functools.partial(data_parallel_job, s)))
+        else:
+            s.notes.append("data-parallel skipped: it runs 2 processes on gloo with CPU tensors (--device cpu)")
     return jobs

@@ -1,0 +1,176 @@
+"""Bench section "data-parallel": 2 processes on gloo (CPU), a GPT-like layout, N micro-batches.
+
+Three ways to run the same window (N micro-batches of the probe model + clip + AdamW), timed in
+alternation inside the same two processes:
+
+  DDP, every micro-batch   DistributedDataParallel reduces after every backward (no no_sync)
+  DDP + no_sync()          only the last micro-batch reduces (the usual accumulation loop)
+  process_group=           fa.GradAccumulator reduces the arena during the last backward
+
+Also measured, per window: the bytes each side hands to the collectives (DDP through a comm
+hook, fusedaccum by counting its all_reduce calls) and the optimizer state each rank keeps.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+import fusedaccum as fa
+from fusedaccum.bench.cases import MAX_GRAD_NORM, Layout, Row, Settings, gpt2_shapes, probe_loss, random_tensors
+
+WORLD = 2
+SIDES = ("DDP, every micro-batch", "DDP + no_sync()", "process_group=")
+
+
+def dp_layout(scale: str) -> Layout:
+    if scale == "tiny":
+        return Layout("gpt-tiny", gpt2_shapes(512, 64, 64, 1), "tiny: d=64, 1 block, vocab 512")
+    if scale == "quick":
+        return Layout("gpt-5m", gpt2_shapes(4096, 256, 256, 4), "quick: GPT-2's shapes at d=256, 4 blocks, vocab 4096")
+    return Layout("gpt-20m", gpt2_shapes(8192, 512, 512, 5), "GPT-2's shapes at d=512, 5 blocks, vocab 8192")
+
+
+class Probe(nn.Module):
+    """The bench's probe model (sum_i <p_i, w_i>) as a module, so that DDP can wrap it."""
+
+    def __init__(self, init: list[torch.Tensor], scales: list[torch.Tensor]):
+        super().__init__()
+        self.params = nn.ParameterList([nn.Parameter(t.clone()) for t in init])
+        self.scales = scales
+
+    def forward(self, k: int) -> torch.Tensor:
+        return probe_loss(list(self.params), [self.scales[k]] * len(self.params))
+
+
+def _state_bytes(opt) -> int:
+    if isinstance(opt, fa.AdamW):
+        return sum(t.numel() * t.element_size() for a in opt.arenas for t in [*a.state.values(), a.steps]
+                   + ([a.master] if a.master is not None else []))
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+
+
+def _worker(rank: int, init_method: str, shapes, n: int, rounds: int, out: str) -> None:
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    init = random_tensors(shapes, torch.float32, torch.device("cpu"), seed=1)
+    torch.manual_seed(4 + rank)  # each rank its own data
+    scales = [w for w in torch.rand(n) + 0.5]
+    sent = {side: 0 for side in SIDES}
+    counting = {"on": False}
+
+    def ddp_side(side: str, no_sync: bool):
+        model = Probe(init, scales)
+        ddp = nn.parallel.DistributedDataParallel(model)
+
+        def hook(state, bucket):
+            if counting["on"]:
+                sent[side] += bucket.buffer().numel() * bucket.buffer().element_size()
+            return default_hooks.allreduce_hook(None, bucket)  # DDP's own reduction, counted
+
+        ddp.register_comm_hook(None, hook)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+
+        def window():
+            for k in range(n):
+                if no_sync and k < n - 1:
+                    with ddp.no_sync():
+                        (ddp(k) / n).backward()
+                else:
+                    (ddp(k) / n).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            opt.step()
+            opt.zero_grad()
+
+        return window, opt, model
+
+    def fa_side():
+        model = Probe(init, scales)
+        opt = fa.AdamW(model.parameters(), lr=1e-3)
+        acc = fa.GradAccumulator(opt, accumulation_steps=n, max_grad_norm=MAX_GRAD_NORM,
+                                 process_group=dist.group.WORLD)
+        real = dist.all_reduce
+
+        def counted(tensor, *a, **k):
+            if counting["on"]:
+                sent["process_group="] += tensor.numel() * tensor.element_size()
+            return real(tensor, *a, **k)
+
+        def window():
+            dist.all_reduce = counted
+            try:
+                for k in range(n):
+                    acc.backward(model(k))
+                    acc.step()
+            finally:
+                dist.all_reduce = real
+
+        window.keep = acc
+        return window, opt, model
+
+    windows, opts, models = {}, {}, {}
+    for side, make in zip(SIDES, (lambda: ddp_side(SIDES[0], False), lambda: ddp_side(SIDES[1], True), fa_side)):
+        windows[side], opts[side], models[side] = make()
+    # One window each, counted: the bytes sent, and the check that all three computed the same.
+    counting["on"] = True
+    for side in SIDES:
+        windows[side]()
+    counting["on"] = False
+    first = [p.detach() for p in models[SIDES[0]].parameters()]
+    for side in SIDES[1:]:
+        for a, b in zip(first, models[side].parameters()):
+            torch.testing.assert_close(b.detach(), a, rtol=1e-5, atol=1e-6, msg=f"{side} differs from {SIDES[0]}")
+    times = {side: [] for side in SIDES}
+    for _ in range(rounds):  # in alternation: every side sees the same machine
+        for side in SIDES:
+            dist.barrier()
+            start = time.perf_counter()
+            windows[side]()
+            dist.barrier()
+            times[side].append(time.perf_counter() - start)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"times": times, "sent": sent, "state": {s: _state_bytes(opts[s]) for s in SIDES}}, f)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_parallel_job(s: Settings) -> list[Row]:
+    layout = dp_layout(s.scale)
+    n = s.accumulation_steps
+    rounds = {"tiny": 2, "quick": 3}.get(s.scale, 7)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "dp.json")
+        mp.spawn(_worker, args=(f"tcp://127.0.0.1:{_free_port()}", layout.shapes, n, rounds, out), nprocs=WORLD)
+        with open(out) as f:
+            res = json.load(f)
+    t = {side: statistics.median(v) for side, v in res["times"].items()}
+    case = f"{WORLD} ranks (gloo), {n} micro-batches + AdamW + clip"
+    rows = [Row("data-parallel", layout.name, "fp32", fa.backends()["default"]["cpu"], case, side, SIDES[2],
+                t[side], t[SIDES[2]], layout.numel, None) for side in SIDES[:2]]
+    per_param = {side: res["sent"][side] / layout.numel for side in SIDES}
+    state = {side: res["state"][side] / layout.numel for side in SIDES}
+    s.notes.append(
+        "data-parallel: bytes handed to all-reduce per window and parameter: "
+        + ", ".join(f"{side} {per_param[side]:.2f}" for side in SIDES)
+        + "; optimizer state per rank and parameter: "
+        + ", ".join(f"{side} {state[side]:.2f} B" for side in SIDES)
+        + " (fp32; without sharding every rank keeps the whole state)"
+    )
+    return rows
