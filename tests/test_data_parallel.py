@@ -509,3 +509,35 @@ def test_process_group_needs_torch_distributed_and_the_full_path():
             fa.GradAccumulator(fa.SGD(model.parameters(), lr=0.1), accumulation_steps=2, process_group=object())
     with pytest.raises(ValueError, match="full path"):
         fa.GradAccumulator(fa.SGD(model.parameters(), lr=0.1), process_group=object())
+
+
+def _nccl_worker(rank: int, init_method: str, out: str) -> None:
+    dist.init_process_group("nccl", init_method=init_method, rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    result = {}
+    for name, pg in (("nccl", dist.group.WORLD), ("single", None)):
+        torch.manual_seed(100)
+        model = _Net().to(device)
+        kw = dict(process_group=pg, **BUCKETS) if pg is not None else {}
+        acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=CLIP, **kw)
+        for w in range(WINDOWS):
+            for m in range(MICRO):
+                x, y = _batch(0, w, m)
+                acc.backward(F.mse_loss(model(x.to(device)), y.to(device)), num_items=y.numel())
+                acc.step()
+        result[name] = {k: v.cpu() for k, v in _snapshot(model).items()}
+    torch.save(result, out)
+    dist.destroy_process_group()
+
+
+def test_nccl_world_of_one_equals_the_single_process_path(tmp_path):
+    """On a GPU machine: the NCCL path end to end (world size 1: the reduction is the identity)."""
+    if not torch.cuda.is_available() or not dist.is_nccl_available():
+        pytest.skip("needs CUDA and NCCL")
+    out = str(tmp_path / "nccl.pt")
+    mp.spawn(_nccl_worker, args=(f"tcp://127.0.0.1:{_free_port()}", out), nprocs=1)
+    res = torch.load(out, weights_only=False)
+    problems = _close(res["nccl"], res["single"], "fp32", "nccl")
+    assert not problems, "\n".join(problems)
