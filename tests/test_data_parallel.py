@@ -57,13 +57,15 @@ class Case:
     opt: str  # AdamW, Adam, SGD
     clip: bool
     dtype: str = "fp32"  # or bf16 (+ master_weights)
+    groups: bool = False  # two param groups (biases without weight decay): several arenas, several bucket runs
 
     @property
     def id(self) -> str:
-        return f"{self.opt}-{'clip' if self.clip else 'noclip'}-{self.dtype}"
+        return f"{self.opt}-{'clip' if self.clip else 'noclip'}-{self.dtype}" + ("-2groups" if self.groups else "")
 
 
-CASES = [Case(o, c) for o in ("AdamW", "Adam", "SGD") for c in (False, True)] + [Case("AdamW", True, "bf16")]
+CASES = ([Case(o, c) for o in ("AdamW", "Adam", "SGD") for c in (False, True)]
+         + [Case("AdamW", True, "bf16"), Case("AdamW", True, groups=True)])
 
 
 class _Net(nn.Module):
@@ -87,6 +89,10 @@ def _opt(lib, case: Case, params):
     kw = dict(lr=5e-2, momentum=0.9, weight_decay=1e-2) if case.opt == "SGD" else dict(lr=2e-2, weight_decay=0.1)
     if lib is fa and case.dtype == "bf16":
         kw["master_weights"] = True
+    params = list(params)
+    if case.groups:
+        params = [{"params": [p for p in params if p.dim() > 1]},
+                  {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0, "lr": 1e-2}]
     return getattr(lib, case.opt)(params, **kw)
 
 
@@ -223,7 +229,7 @@ def _fa_items(rank: int, pg):
 def _fa_nonfinite(rank: int, pg):
     model = _model(rank)
     acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=1.0,
-                             process_group=pg, **BUCKETS)
+                             loss_scale="dynamic", process_group=pg, **BUCKETS)
     out = {}
     for w in range(WINDOWS):
         before = _snapshot(model)
@@ -234,6 +240,7 @@ def _fa_nonfinite(rank: int, pg):
             acc.backward(F.mse_loss(model(x), y))
             acc.step()
         out[w] = {"skipped": acc.step_skipped, "moved": any(not torch.equal(before[n], v) for n, v in _snapshot(model).items())}
+        out[("scale", w)] = acc.loss_scale
     out["params"] = _snapshot(model)
     return out
 
@@ -471,6 +478,8 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_window_everywhere(device_ba
     b = _backend(device_backend)
     got = _results(spawned, (b, "nonfinite"))
     for rank, res in enumerate(got):
+        # The dynamic loss scale backs off on every rank alike (GradScaler's 0.5 after an overflow).
+        assert [res[("scale", w)] for w in range(WINDOWS)] == [2.0**16, 2.0**15, 2.0**15], f"rank {rank}"
         assert res[1] == {"skipped": True, "moved": False}, f"rank {rank}, the window with the inf: {res[1]}"
         for w in (0, 2):
             assert res[w] == {"skipped": False, "moved": True}, f"rank {rank}, window {w}: {res[w]}"
