@@ -552,42 +552,51 @@ def sweep_job(s: Settings, n: int) -> list[Row]:
     variant = best_variant("AdamW", dev.type, torch.float32)
     hyper = {"lr": 1e-3, "weight_decay": 1e-2}
 
-    def time_standard() -> tuple[float, float, torch.Tensor]:
+    def standard_calls() -> tuple[Callable, Callable, torch.Tensor]:
         grad = start.clone()
-        accumulate_s = s.clock.measure(lambda: grad.add_(new))
         (p,) = leaf_params([start])
         p.grad = new.clone()
         opt = torch.optim.AdamW([p], **hyper, **torch_variants("AdamW", dev.type, torch.float32)[variant])
         opt.step()
-        after_one = p.detach().clone()
-        return accumulate_s, s.clock.measure(opt.step), after_one
+        return (lambda: grad.add_(new)), opt.step, p.detach().clone()
 
-    def time_fused(expected) -> tuple[float, float]:
-        arena = start.clone()
-        op = torch.ops.fusedaccum.accumulate
-        op(arena, [new], [0], 1.0, False, None, None)
-        assert_same([arena], [start + new], torch.float32, f"sweep accumulate {n} [{fa_backend()}]")
-        accumulate_s = s.clock.measure(lambda: op(arena, [new], [0], 1.0, False, None, None))
-        (p,) = leaf_params([start])
-        p.grad = new.clone()
-        opt = fa.AdamW([p], **hyper)
-        opt.step()  # gathers p.grad into the arena, then steps: from here the arena holds it
-        assert_same([p], [expected], torch.float32, f"sweep AdamW step {n} [{fa_backend()}]")
+    def fused_calls(b: str, expected) -> tuple[Callable, Callable]:
+        with backend(b):
+            arena = start.clone()
+            op = torch.ops.fusedaccum.accumulate
+            op(arena, [new], [0], 1.0, False, None, None)
+            assert_same([arena], [start + new], torch.float32, f"sweep accumulate {n} [{fa_backend()}]")
+            (p,) = leaf_params([start])
+            p.grad = new.clone()
+            opt = fa.AdamW([p], **hyper)
+            opt.step()  # gathers p.grad into the arena, then steps: from here the arena holds it
+            assert_same([p], [expected], torch.float32, f"sweep AdamW step {n} [{fa_backend()}]")
         # The bare fused pass over the arena: what acc.step() launches, without the norm and
         # factor arithmetic before it.
-        return accumulate_s, s.clock.measure(lambda: opt._fused_step([[True]], factor={}, found_inf={}))
+        return (under(b, lambda: op(arena, [new], [0], 1.0, False, None, None)),
+                under(b, lambda: opt._fused_step([[True]], factor={}, found_inf={})))
 
-    standard_acc, standard_step, expected = time_standard()
+    standard_acc, standard_step, expected = standard_calls()
+    accumulate_calls, step_calls = {"standard": standard_acc}, {"standard": standard_step}
+    for b in s.backends:
+        accumulate_calls[b], step_calls[b] = fused_calls(b, expected)
+    acc_s = s.clock.measure_interleaved(accumulate_calls)  # every side in alternation: the same machine
+    step_s = s.clock.measure_interleaved(step_calls)
     rows = []
     for b in s.backends:
-        with backend(b):
-            fused_acc, fused_step = time_fused(expected)
-        release()
         rows.append(Row("sweep", f"1 x {n}", "fp32", b, "accumulate", "p.grad += g", "accumulate op",
-                        standard_acc, fused_acc, n, accumulate_floor(torch.float32)))
+                        acc_s["standard"], acc_s[b], n, accumulate_floor(torch.float32)))
         rows.append(Row("sweep", f"1 x {n}", "fp32", b, "AdamW step", f"torch AdamW {variant}", "fused step",
-                        standard_step, fused_step, n, step_floor("AdamW", master=False)))
+                        step_s["standard"], step_s[b], n, step_floor("AdamW", master=False)))
     return rows
+
+
+def under(b: str, fn: Callable) -> Callable:
+    """fn, run with fusedaccum's backend forced to b."""
+    def run():
+        with backend(b):
+            return fn()
+    return run
 
 
 # -- 5. end to end -------------------------------------------------------------------------
@@ -645,37 +654,41 @@ def end_to_end_job(s: Settings, model_name: str) -> list[Row]:
                 acc.step()
         return window
 
-    def time_standard() -> tuple[float, list[torch.Tensor]]:
+    def standard_call() -> tuple[Callable, list[torch.Tensor]]:
         model = copy.deepcopy(base)
         window = standard_loop(model, torch_cls(model.parameters(), **hyper))
         window()
-        after_one = [p.detach().clone() for p in model.parameters()]
-        return s.clock.measure(window), after_one
+        return window, [p.detach().clone() for p in model.parameters()]
 
-    def time_fused(mode: str, expected) -> float:
-        model = copy.deepcopy(base)
-        opt = fa_cls(model.parameters(), **hyper)
-        if mode == "swap-in":
-            acc = fa.GradAccumulator(opt)
-            window = standard_loop(model, opt)
-        else:
-            acc = fa.GradAccumulator(opt, accumulation_steps=n, max_grad_norm=clip)
-            window = full_path(model, acc)
-        window()
-        assert_same(list(model.parameters()), expected, torch.float32,
-                    f"end-to-end {model_name} {mode} [{fa_backend()}]")
-        seconds = s.clock.measure(window)
-        return seconds
+    def fused_call(b: str, mode: str, expected) -> Callable:
+        with backend(b):
+            model = copy.deepcopy(base)
+            opt = fa_cls(model.parameters(), **hyper)
+            if mode == "swap-in":
+                acc = fa.GradAccumulator(opt)
+                window = standard_loop(model, opt)
+            else:
+                acc = fa.GradAccumulator(opt, accumulation_steps=n, max_grad_norm=clip)
+                window = full_path(model, acc)
+            window()
+            assert_same(list(model.parameters()), expected, torch.float32,
+                        f"end-to-end {model_name} {mode} [{fa_backend()}]")
+        timed = under(b, window)
+        timed.keep = acc  # the accumulator lives as long as its window
+        return timed
 
-    standard_s, expected = time_standard()
+    calls = {}
+    calls["standard"], expected = standard_call()
+    modes = ["swap-in", "full path"] if model_name == "seed" else ["full path"]
+    for b in s.backends:
+        for mode in modes:
+            calls[(b, mode)] = fused_call(b, mode, expected)
+    times = s.clock.measure_interleaved(calls)  # every side in alternation: the same machine
     rows = []
     for b in s.backends:
-        for mode in ["swap-in", "full path"] if model_name == "seed" else ["full path"]:
-            with backend(b):
-                fused_s = time_fused(mode, expected)
-            release()
+        for mode in modes:
             rows.append(Row("end-to-end", model_name, "fp32", b, f"train window (N={n}, batch {shape[0]}x{shape[1]})",
-                            f"torch.optim.{torch_cls.__name__}", mode, standard_s, fused_s,
+                            f"torch.optim.{torch_cls.__name__}", mode, times["standard"], times[(b, mode)],
                             sum(p.numel() for p in base.parameters()), None))
     return rows
 
