@@ -118,6 +118,47 @@ C10_HOST_DEVICE inline void sgd_element(
   p += -c.lr * g;
 }
 
+// Lion (Chen et al. 2023): the update is the sign of an interpolation of the momentum and the
+// gradient; the momentum then moves toward the gradient with the second beta.
+struct LionConstants {
+  float lr;
+  float beta1;
+  float beta2;
+  float one_minus_beta1;
+  float one_minus_beta2;
+  float decay_factor;  // 1 - lr * weight_decay (decoupled, as AdamW)
+  float grad_sign;     // -1 to maximize, else 1
+};
+
+C10_HOST_DEVICE inline LionConstants lion_constants(double lr, double beta1, double beta2, double weight_decay,
+                                                    bool maximize) {
+  LionConstants c;
+  c.lr = static_cast<float>(lr);
+  c.beta1 = static_cast<float>(beta1);
+  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
+  c.grad_sign = maximize ? -1.0f : 1.0f;
+  return c;
+}
+
+// sign(x) with sign(0) = 0 and NaN kept (as torch.sign), by selects, not branches.
+C10_HOST_DEVICE inline float sign_of(float x) {
+  const float s = static_cast<float>(x > 0.0f) - static_cast<float>(x < 0.0f);
+  return x != x ? x : s;
+}
+
+// One Lion element: c = beta1 * m + (1 - beta1) * g; p = p * (1 - lr * wd) - lr * sign(c);
+// m = beta2 * m + (1 - beta2) * g.
+C10_HOST_DEVICE inline void lion_element(float& p, float g, float& m, float factor, const LionConstants& c) {
+  g = g * factor * c.grad_sign;
+  const float interp = c.beta1 * m + c.one_minus_beta1 * g;
+  p *= c.decay_factor;
+  p += -c.lr * sign_of(interp);
+  m = c.beta2 * m + c.one_minus_beta2 * g;
+}
+
 // fp32 -> bf16 rounding to nearest even without a branch (c10::BFloat16's constructor tests
 // for NaN with a branch, which keeps CPU loops scalar). Same bits as c10's.
 C10_HOST_DEVICE inline c10::BFloat16 to_bf16(float x) {

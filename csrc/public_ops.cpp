@@ -66,6 +66,10 @@ const Handles& handles_of(const c10::OperatorHandle& op) {
     static const Handles sgd_step = handles_named("sgd_step");
     return sgd_step;
   }
+  if (name == "fusedaccum::lion_step") {
+    static const Handles lion_step = handles_named("lion_step");
+    return lion_step;
+  }
   TORCH_CHECK(false, "fusedaccum: no compiled entry for ", name);
 }
 
@@ -97,7 +101,7 @@ torch::CppFunction public_op_kernel() { return torch::CppFunction::makeFromBoxed
 void set_forced_backend(const std::string& name) { forced.store(backend_named(name)); }
 
 TORCH_LIBRARY_IMPL(fusedaccum, CPU, m) {
-  for (const char* op : {"accumulate", "adam_step", "sgd_step"}) m.impl(op, public_op_kernel());
+  for (const char* op : {"accumulate", "adam_step", "sgd_step", "lion_step"}) m.impl(op, public_op_kernel());
 }
 
 }  // namespace fusedaccum

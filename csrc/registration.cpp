@@ -19,4 +19,7 @@ TORCH_LIBRARY(fusedaccum_C, m) {
       "sgd_step(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, "
       "Tensor(c!)? param_copy, Tensor step, Tensor factor, Tensor? found_inf, float lr, "
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize) -> ()");
+  m.def(
+      "lion_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!)? param_copy, Tensor factor, "
+      "Tensor? found_inf, float lr, float beta1, float beta2, float weight_decay, bool maximize) -> ()");
 }

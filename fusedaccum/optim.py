@@ -348,3 +348,36 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
             bool(group["nesterov"]), bool(group["maximize"]),
         )
+
+
+class Lion(FusedOptimizer, torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), fused.
+
+    c = beta1 * m + (1 - beta1) * g;  p = p * (1 - lr * weight_decay) - lr * sign(c);
+    m = beta2 * m + (1 - beta2) * g.  One state tensor, `exp_avg`, as lion-pytorch and
+    bitsandbytes keep it (their state_dicts load here and back). torch has no Lion, so this is
+    a torch.optim.Optimizer of its own, with the same param_groups conventions.
+    """
+
+    _state_names = ("exp_avg",)
+    _publish_step = False  # the update does not depend on a step count
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+                 *, maximize: bool = False, master_weights: bool = False):
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid beta parameters: {betas}; each must be in [0, 1)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        self.master_weights = bool(master_weights)
+        self._init_arenas()
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize))
+
+    def _step_range(self, arena, group, lo, hi, step, factor, found_inf):
+        param, copy = self._param_and_copy(arena, lo, hi)
+        beta1, beta2 = group["betas"]
+        torch.ops.fusedaccum.lion_step(
+            param, arena.grad[lo:hi], arena.state["exp_avg"][lo:hi], copy, factor, found_inf, float(group["lr"]),
+            float(beta1), float(beta2), float(group["weight_decay"]), bool(group["maximize"]),
+        )

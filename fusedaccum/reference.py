@@ -87,3 +87,18 @@ def sgd_step(param, grad, momentum_buffer, param_copy, step, factor, found_inf,
     if param_copy is not None:
         writes.append((param_copy, p))
     _write_unless(found_inf, writes)
+
+
+def lion_step(param, grad, exp_avg, param_copy, factor, found_inf, lr, beta1, beta2, weight_decay, maximize) -> None:
+    p = param.float()
+    g = grad.float() * factor
+    if maximize:
+        g = -g
+    m = exp_avg.float()
+    update = torch.sign(beta1 * m + (1 - beta1) * g)
+    p = p * (1 - lr * weight_decay) - lr * update
+    m = beta2 * m + (1 - beta2) * g
+    writes = [(param, p), (exp_avg, m)]
+    if param_copy is not None:
+        writes.append((param_copy, p))
+    _write_unless(found_inf, writes)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import fusedaccum as fa
 from fusedaccum import dispatch
+from test_lion import PaperLion
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
@@ -64,7 +65,7 @@ class Case:
         return f"{self.opt}-{'clip' if self.clip else 'noclip'}-{self.dtype}" + ("-2groups" if self.groups else "")
 
 
-CASES = ([Case(o, c) for o in ("AdamW", "Adam", "SGD") for c in (False, True)]
+CASES = ([Case(o, c) for o in ("AdamW", "Adam", "SGD", "Lion") for c in (False, True)]
          + [Case("AdamW", True, "bf16"), Case("AdamW", True, groups=True)])
 
 
@@ -87,13 +88,17 @@ def _batch(rank: int, window: int, micro: int, rows: int = 4):
 
 def _opt(lib, case: Case, params):
     kw = dict(lr=5e-2, momentum=0.9, weight_decay=1e-2) if case.opt == "SGD" else dict(lr=2e-2, weight_decay=0.1)
+    cls = getattr(lib, case.opt, None)
+    if case.opt == "Lion":
+        kw = dict(lr=1e-2, weight_decay=0.1)
+        cls = fa.Lion if lib is fa else PaperLion  # torch has no Lion: the paper's, written in tests/test_lion.py
     if lib is fa and case.dtype == "bf16":
         kw["master_weights"] = True
     params = list(params)
     if case.groups:
         params = [{"params": [p for p in params if p.dim() > 1]},
                   {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0, "lr": 1e-2}]
-    return getattr(lib, case.opt)(params, **kw)
+    return cls(params, **kw)
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:

@@ -348,10 +348,71 @@ def test_sgd_step_skips_on_found_inf(device_backend):
     assert torch.equal(p, before[0]) and torch.equal(buf, before[1])
 
 
+# -- lion_step --------------------------------------------------------------------------------
+
+
+def lion_float64(p, g, m, factor, lr, beta1, beta2, wd, maximize):
+    """Lion from the paper (Chen et al. 2023, Algorithm 2), in float64."""
+    g = g * factor
+    if maximize:
+        g = -g
+    c = beta1 * m + (1 - beta1) * g
+    return p * (1 - lr * wd) - lr * torch.sign(c), beta2 * m + (1 - beta2) * g, c
+
+
+LION_CASES = [
+    # param dtype, grad dtype, copy dtype, maximize, weight decay
+    (F32, F32, None, False, 0.0),
+    (F32, F32, None, True, 0.1),
+    (F32, BF16, BF16, False, 0.1),
+    (F32, F32, F16, False, 0.0),
+    (BF16, BF16, None, False, 0.1),
+    (F16, F32, None, True, 0.0),
+]
+
+
+@pytest.mark.parametrize("case", LION_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_lion_step(device_backend, case):
+    device, backend = device_backend
+    p_dtype, g_dtype, c_dtype, maximize, wd = case
+    lr, beta1, beta2 = 0.01, 0.9, 0.99
+    gen = torch.Generator().manual_seed(7)
+    for n in sizes_for(device, backend)[1::2]:
+        p, g, (m,) = step_inputs(n, p_dtype, g_dtype, device, gen, 1)
+        m = m - 0.5  # moments of either sign
+        if n > 2:
+            g[0], m[0] = 0.0, 0.0  # c = 0 exactly: sign(0) = 0, the parameter only decays
+        copy = torch.empty(n, device=device, dtype=c_dtype) if c_dtype is not None else None
+        p0, g0, m0 = p.double().cpu(), g.double().cpu(), m.double().cpu()
+        factor = torch.full((), 0.5, device=device)
+        torch.ops.fusedaccum.lion_step(p, g, m, copy, factor, None, lr, beta1, beta2, wd, maximize)
+        p1, m1, c = lion_float64(p0, g0, m0, 0.5, lr, beta1, beta2, wd, maximize)
+        # sign(c) is exact unless c is within rounding of 0, where fp32 may round it either way:
+        # there the parameter may differ by 2 lr, which such elements are allowed and no others.
+        near_zero = c.abs() <= 4 * eps(torch.float32) * (m0.abs() + g0.abs() * 0.5)
+        ok = p.cpu().double()
+        ok = torch.where(near_zero, p1, ok)
+        assert_within(ok, p1, p0.abs() + lr, p_dtype, what="param")
+        assert_within(m.cpu(), m1, m0.abs() + 0.5 * g0.abs(), p_dtype, what="exp_avg")
+        if n > 2:
+            assert p.cpu()[0].double() == pytest.approx(p0[0].item() * (1 - lr * wd), rel=2 * eps(p_dtype)), "sign(0) = 0"
+        if copy is not None:
+            assert torch.equal(copy, p.to(c_dtype))
+
+
+def test_lion_step_skips_on_found_inf(device_backend):
+    device, _ = device_backend
+    p, m = torch.randn(777, device=device), torch.randn(777, device=device)
+    before = (p.clone(), m.clone())
+    one = torch.ones((), device=device)
+    torch.ops.fusedaccum.lion_step(p, torch.randn(777, device=device), m, None, one, one, 1e-2, 0.9, 0.99, 0.1, False)
+    assert torch.equal(p, before[0]) and torch.equal(m, before[1])
+
+
 # -- schemas and opcheck -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["accumulate", "adam_step", "sgd_step"])
+@pytest.mark.parametrize("name", ["accumulate", "adam_step", "sgd_step", "lion_step"])
 def test_extension_schema_matches_python(name):
     if not dispatch.extension_loaded():
         pytest.skip("compiled extension not built")
@@ -371,10 +432,12 @@ def opcheck_args(device):
         "adam_step": (p.clone(), grad, m, v.abs(), v.abs() + 1, torch.empty(n, device=device, dtype=BF16), one * 2,
                       one, torch.zeros((), device=device), 1e-3, 0.9, 0.999, 1e-8, 0.01, True, False),
         "sgd_step": (p.clone(), grad, buf, None, one, one, None, 0.1, 0.9, 0.0, 0.0, True, False),
+        "lion_step": (p.clone(), grad, m.clone(), torch.empty(n, device=device, dtype=BF16), one,
+                      torch.zeros((), device=device), 1e-4, 0.9, 0.99, 0.1, False),
     }
 
 
-@pytest.mark.parametrize("name", ["accumulate", "adam_step", "sgd_step"])
+@pytest.mark.parametrize("name", ["accumulate", "adam_step", "sgd_step", "lion_step"])
 def test_opcheck(device_backend, name):
     device, _ = device_backend
     op = getattr(torch.ops.fusedaccum, name).default
