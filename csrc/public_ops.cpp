@@ -16,6 +16,8 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "public_ops.h"
@@ -44,33 +46,22 @@ struct Handles {
   c10::OperatorHandle compiled, python, check;
 };
 
-Handles handles_named(const std::string& op) {
-  auto& dispatcher = c10::Dispatcher::singleton();
-  return {dispatcher.findSchemaOrThrow(("fusedaccum_C::" + op).c_str(), ""),
-          dispatcher.findSchemaOrThrow(("fusedaccum::_" + op + "_python").c_str(), ""),
-          dispatcher.findSchemaOrThrow(("fusedaccum::_" + op + "_check").c_str(), "")};
-}
-
+// Found once per op, on its first call (after Python registered its _python/_check ops).
 const Handles& handles_of(const c10::OperatorHandle& op) {
-  // Found once per op, on its first call (after Python registered its _python/_check ops).
-  const std::string& name = op.schema().name();
-  if (name == "fusedaccum::accumulate") {
-    static const Handles accumulate = handles_named("accumulate");
-    return accumulate;
+  static std::mutex mutex;
+  static std::map<std::string, Handles> found;
+  const std::string& name = op.schema().name();  // fusedaccum::<op>
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = found.find(name);
+  if (it == found.end()) {
+    const std::string short_name = name.substr(name.find("::") + 2);
+    auto& dispatcher = c10::Dispatcher::singleton();
+    it = found.emplace(name, Handles{dispatcher.findSchemaOrThrow(("fusedaccum_C::" + short_name).c_str(), ""),
+                                     dispatcher.findSchemaOrThrow(("fusedaccum::_" + short_name + "_python").c_str(), ""),
+                                     dispatcher.findSchemaOrThrow(("fusedaccum::_" + short_name + "_check").c_str(), "")})
+             .first;
   }
-  if (name == "fusedaccum::adam_step") {
-    static const Handles adam_step = handles_named("adam_step");
-    return adam_step;
-  }
-  if (name == "fusedaccum::sgd_step") {
-    static const Handles sgd_step = handles_named("sgd_step");
-    return sgd_step;
-  }
-  if (name == "fusedaccum::lion_step") {
-    static const Handles lion_step = handles_named("lion_step");
-    return lion_step;
-  }
-  TORCH_CHECK(false, "fusedaccum: no compiled entry for ", name);
+  return it->second;  // std::map never moves its elements
 }
 
 void public_op_entry(const c10::OperatorHandle& op, c10::DispatchKeySet /*keys*/, torch::jit::Stack* stack) {
@@ -101,7 +92,7 @@ torch::CppFunction public_op_kernel() { return torch::CppFunction::makeFromBoxed
 void set_forced_backend(const std::string& name) { forced.store(backend_named(name)); }
 
 TORCH_LIBRARY_IMPL(fusedaccum, CPU, m) {
-  for (const char* op : {"accumulate", "adam_step", "sgd_step", "lion_step"}) m.impl(op, public_op_kernel());
+  for (const char* op : kPublicOps) m.impl(op, public_op_kernel());
 }
 
 }  // namespace fusedaccum

@@ -10,6 +10,9 @@ namespace fusedaccum {
 
 torch::CppFunction public_op_kernel();
 
+// The ops whose CPU (and CUDA) kernel is public_op_kernel().
+inline constexpr const char* kPublicOps[] = {"accumulate", "adam_step", "sgd_step", "lion_step"};
+
 // "" (the defaults), or the name fusedaccum.set_backend() forced.
 void set_forced_backend(const std::string& name);
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import socket
-import time
 import traceback
 from dataclasses import dataclass
 
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 
 import fusedaccum as fa
 from fusedaccum import dispatch
+from spawn import free_port, spawn_and_collect
 from test_lion import PaperLion
 
 if not dist.is_available() or not dist.is_gloo_available():
@@ -381,36 +380,12 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str, backends: lis
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=WORLDS, ids=[f"{w}ranks" for w in WORLDS])
 def spawned(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"dp{world}")
-    start = time.monotonic()
-    ctx = mp.spawn(_worker, args=(world, f"tcp://127.0.0.1:{_free_port()}", str(out), CPU_BACKENDS), nprocs=world,
-                   join=False)
-    failure = None
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() - start > SPAWN_TIMEOUT_S:
-                failure = f"the {world}-rank spawn did not finish in {SPAWN_TIMEOUT_S} s (a hang in a collective?)"
-                break
-    except Exception as e:
-        failure = f"a rank failed: {e}"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join()
-    ranks = []
-    for r in range(world):
-        f = out / f"rank{r}.pt"
-        ranks.append(torch.load(f, weights_only=False) if f.exists() else {})
+    ranks, failure = spawn_and_collect(_worker, (world, f"tcp://127.0.0.1:{free_port()}", str(out), CPU_BACKENDS),
+                                       world, out, SPAWN_TIMEOUT_S)
     return world, ranks, failure
 
 
@@ -551,7 +526,7 @@ def test_nccl_world_of_one_equals_the_single_process_path(tmp_path):
     if not torch.cuda.is_available() or not dist.is_nccl_available():
         pytest.skip("needs CUDA and NCCL")
     out = str(tmp_path / "nccl.pt")
-    mp.spawn(_nccl_worker, args=(f"tcp://127.0.0.1:{_free_port()}", out), nprocs=1)
+    mp.spawn(_nccl_worker, args=(f"tcp://127.0.0.1:{free_port()}", out), nprocs=1)
     res = torch.load(out, weights_only=False)
     problems = _close(res["nccl"], res["single"], "fp32", "nccl")
     assert not problems, "\n".join(problems)

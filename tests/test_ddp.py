@@ -19,20 +19,18 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import socket
-import time
 import traceback
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fusedaccum as fa
 from fusedaccum import dispatch
+from spawn import free_port, spawn_and_collect
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
@@ -231,36 +229,11 @@ def _worker(rank: int, init_method: str, out_dir: str, backends: list[str]) -> N
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
-    start = time.monotonic()
-    ctx = mp.spawn(_worker, args=(init_method, str(out), CPU_BACKENDS), nprocs=WORLD, join=False)
-    failure = None
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() - start > SPAWN_TIMEOUT_S:
-                failure = f"the 2-rank spawn did not finish in {SPAWN_TIMEOUT_S} s (a hang in a collective?)"
-                break
-    except Exception as e:  # a rank died (its traceback is in the message)
-        failure = f"a rank failed: {e}"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join()
-    ranks = []
-    for r in range(WORLD):
-        f = out / f"rank{r}.pt"
-        ranks.append(torch.load(f, weights_only=False) if f.exists() else {})
-    return ranks, failure
+    return spawn_and_collect(_worker, (f"tcp://127.0.0.1:{free_port()}", str(out), CPU_BACKENDS), WORLD, out,
+                             SPAWN_TIMEOUT_S)
 
 
 def _result(ddp_results, rank: int, key) -> dict:

@@ -292,7 +292,7 @@ TORCH_LIBRARY_IMPL(fusedaccum_C, CUDA, m) { m.impl("accumulate", &accumulate_cud
 
 // The public op's compiled entry on CUDA (csrc/public_ops.cpp).
 TORCH_LIBRARY_IMPL(fusedaccum, CUDA, m) {
-  for (const char* op : {"accumulate", "adam_step", "sgd_step", "lion_step"}) m.impl(op, public_op_kernel());
+  for (const char* op : kPublicOps) m.impl(op, public_op_kernel());
 }
 
 }  // namespace fusedaccum
