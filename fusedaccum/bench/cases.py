@@ -30,6 +30,7 @@ import torch
 
 import fusedaccum as fa
 from fusedaccum.arena import ALIGN
+from fusedaccum.bench.lion import ForeachLion
 from fusedaccum.bench.timing import Clock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -48,9 +49,9 @@ def accumulate_floor(grad_dtype: torch.dtype, first: bool = False) -> int:
 def step_floor(optimizer: str, master: bool) -> int:
     """Read param (fp32 master), fp32 grad and state; write param and state (and the bf16 copy).
 
-    Adam/AdamW: 28 B, 30 B with a master. SGD with momentum: 20 B (22 B with a master).
+    Adam/AdamW: 28 B, 30 B with a master. SGD with momentum and Lion: 20 B (22 B with a master).
     """
-    state = 1 if optimizer == "SGD" else 2
+    state = 1 if optimizer in ("SGD", "Lion") else 2
     return 4 * (2 + state) + 4 * (1 + state) + (2 if master else 0)
 
 
@@ -242,6 +243,8 @@ def arena_views(arena, shapes, offsets):
 @functools.cache
 def torch_variants(optimizer: str, device_type: str, dtype: torch.dtype) -> dict[str, dict]:
     """torch.optim implementations to compare with: for-loop, foreach, and fused where it runs."""
+    if optimizer == "Lion":
+        return {"foreach": {}}  # bench/lion.py, the only one
     variants = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}}
     p = torch.nn.Parameter(torch.zeros(4, device=device_type, dtype=dtype))
     p.grad = torch.ones_like(p)
@@ -380,6 +383,7 @@ OPTIMIZERS = {  # name: (torch class, fusedaccum class, hyperparameters)
     "AdamW": (torch.optim.AdamW, fa.AdamW, {"lr": 1e-3, "weight_decay": 1e-2}),
     "Adam": (torch.optim.Adam, fa.Adam, {"lr": 1e-3}),
     "SGD": (torch.optim.SGD, fa.SGD, {"lr": 1e-2, "momentum": 0.9}),
+    "Lion": (ForeachLion, fa.Lion, {"lr": 1e-4, "weight_decay": 1e-2}),  # torch has none: a foreach one
 }
 
 
@@ -458,7 +462,8 @@ def boundary_job(s: Settings, layout: Layout, dtype_name: str, optimizer: str, a
     times = s.clock.measure_interleaved(calls)  # every side in alternation: the same machine
     rows = []
     for b in s.backends:
-        rows += [Row("boundary", layout.name, dtype_name, b, case, f"torch {name}", "acc.step()", times[name],
+        rows += [Row("boundary", layout.name, dtype_name, b, case,
+                     "plain-PyTorch foreach Lion" if optimizer == "Lion" else f"torch {name}", "acc.step()", times[name],
                      times[("fused", b)], layout.numel, step_floor(optimizer, master)) for name in variants]
     return rows
 
