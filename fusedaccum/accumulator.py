@@ -523,7 +523,7 @@ class GradAccumulator:
         sumsq = torch.zeros((), dtype=torch.float32, device=self.device)
         for arena, t in zip(self.optimizer.arenas, touched):
             part = torch.zeros((), dtype=torch.float32, device=arena.device)
-            _add_squares([arena.grad[slice(*arena.range_of(a, b))] for a, b in arena.runs(t)], part, None)
+            _add_squares(arena.run_views(arena.grad, t), part, None)
             sumsq += part.to(self.device)
         return sumsq
 
@@ -548,8 +548,7 @@ class GradAccumulator:
                     sumsq.zero_()
                     found_inf.zero_()
                 for w, t in zip(self._windows, touched):
-                    runs = [w.arena.grad[slice(*w.arena.range_of(a, b))] for a, b in w.arena.runs(t)]
-                    _add_squares(runs, *self._stats[w.arena.device])
+                    _add_squares(w.arena.run_views(w.arena.grad, t), *self._stats[w.arena.device])
             devices = list(self._stats)
             sumsq = sum(self._stats[d][0].to(self.device) for d in devices)
             found_inf = torch.stack([self._stats[d][1].to(self.device) for d in devices]).amax()

@@ -157,6 +157,10 @@ class Arena:
     def range_of(self, a: int, b: int) -> tuple[int, int]:
         return self.offsets[a], self.offsets[b - 1] + self.numels[b - 1]
 
+    def run_views(self, flat: torch.Tensor, touched: list[bool]) -> list[torch.Tensor]:
+        """The slices of `flat` that the runs of touched parameters cover."""
+        return [flat[slice(*self.range_of(a, b))] for a, b in self.runs(touched)]
+
 
 def build_arenas(param_groups: list[dict], master_weights: bool, start: int = 0) -> list[Arena]:
     """Checks every parameter first, then moves them into arenas (a refused group changes nothing)."""

@@ -60,7 +60,6 @@ class DataParallel:
         self.summary: torch.Tensor | None = None
         self.summary_work = None
         self.next_launch = 0
-        self.reducing = False  # between the last backward's start and the step's wait
         self.global_touched: list[list[bool]] | None = None  # the window's union over ranks, once known
         self.items: torch.Tensor | None = None  # the window's items over all ranks, with global_touched
 
@@ -124,7 +123,6 @@ class DataParallel:
             b.expected = sum(hooked[b.first : b.last])
             b.folded = 0
             b.launched = False
-        self.reducing = True
         for wi, w in enumerate(self.windows):
             w.set_fold_listener(lambda indices, wi=wi: self._on_folded(wi, indices))
 
@@ -164,8 +162,8 @@ class DataParallel:
         self.works.append(dist.all_reduce(w.arena.grad[b.lo : b.hi], group=self.group, async_op=True))
 
     def end_of_backward(self, items: torch.Tensor) -> None:
-        """After the last backward (every fold done): launch what is left, then the window's summary."""
-        self.stop_listening()
+        """After the last backward (every fold done, listening stopped): launch what is left, then the
+        window's summary."""
         while self.next_launch < len(self.buckets):
             self._launch(self.buckets[self.next_launch])
         touched = [t for w in self.windows for t in w.touched]
@@ -187,7 +185,6 @@ class DataParallel:
         if self.summary_work is not None:
             self.summary_work.wait()
             self.summary_work = None
-        self.reducing = False
 
     def finish(self) -> tuple[list[list[bool]], torch.Tensor]:
         """Waits for the window's reductions; returns which parameters step (any rank) and the items of all ranks."""
