@@ -23,6 +23,8 @@
 #
 # Knobs (environment): PYTHON (python3); GPU_CHECK_BUDGET; GPU_CHECK_TESTS="test_ops.py test_cuda.py"
 # (the files to run; default all); GPU_CHECK_TEST_TIMEOUT (per file, default 300 s);
+# GPU_CHECK_TESTS_TOGETHER=1 (one pytest run over the files, reported as "all");
+# GPU_CHECK_PYTEST_ARGS (added to each pytest run: "-n 12 --timeout 120" with xdist and pytest-timeout);
 # GPU_CHECK_BENCH_CASES ("host accumulate boundary window sweep end-to-end"); GPU_CHECK_BENCH_ARGS
 # (--quick); GPU_CHECK_TAR=FILE (outside OUT_DIR): a .tgz of OUT_DIR, rewritten after each unit,
 # for tools that bring back only a few files: GPU_CHECK_TAR=$OUT/tests.tgz bash scripts/gpu_check.sh /tmp/gc tests
@@ -201,9 +203,15 @@ tests_step() {
   files=${GPU_CHECK_TESTS:-$(cd tests && for f in $first; do [ -f "$f" ] && echo "$f"; done;
     for f in test_*.py; do case " $(echo $first) " in *" $f "*) ;; *) echo "$f" ;; esac; done)}
   mkdir -p "$OUT/tests"
+  # GPU_CHECK_TESTS_TOGETHER=1: the files as one pytest run (with GPU_CHECK_PYTEST_ARGS="-n 12",
+  # pytest-xdist spreads them over the machine's cores), for a lease too short for one run each.
+  local targets
+  [ -n "${GPU_CHECK_TESTS_TOGETHER:-}" ] && files=ALL
   for f in $files; do
     f=${f#tests/}
     name=${f%.py}
+    targets=$f
+    [ "$f" = ALL ] && { name=all; targets=${GPU_CHECK_TESTS:-.}; }
     T=$(( $(left) - 40 ))  # 30 s of it for a run that ignores SIGINT to be killed
     [ "$T" -gt "${GPU_CHECK_TEST_TIMEOUT:-300}" ] && T=${GPU_CHECK_TEST_TIMEOUT:-300}
     if [ "$T" -lt 20 ]; then
@@ -215,7 +223,7 @@ tests_step() {
     rm -f "$OUT/tests/$name.xml"
     # SIGINT at the limit: pytest stops, still writes the junit of what ran, and the log has the rest.
     (cd tests && env "${envs[@]}" timeout -s INT -k 30 "$T" "$PY" -m pytest -v -rs -p no:cacheprovider \
-      --maxfail=25 --junitxml="$OUT/tests/$name.xml" "$f") > "$OUT/tests/$name.log" 2>&1
+      --maxfail=25 ${GPU_CHECK_PYTEST_ARGS:-} --junitxml="$OUT/tests/$name.xml" $targets) > "$OUT/tests/$name.log" 2>&1
     rc=$?
     counts=$("$PY" "$HELPER" tests-result "$OUT/tests/$name.xml" "$OUT/tests/$name.log")
     read -r np nf ne ns rest <<< "$counts"
