@@ -38,8 +38,9 @@ def test_backends_agree(dtype):
     fa.set_backend(None)
     ref = results.pop("cpp")
     for backend, got in results.items():
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, rtol=2 * torch.finfo(a.dtype).eps, atol=1e-6, msg=backend)
+        for name, a, b in zip(("arena", "sumsq", "param", "exp_avg", "exp_avg_sq"), got, ref):
+            torch.testing.assert_close(a, b, rtol=2 * torch.finfo(a.dtype).eps, atol=1e-6,
+                                       msg=lambda m, name=name, backend=backend: f"{backend}, {name}: {m}")
 
 
 @cuda

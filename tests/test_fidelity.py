@@ -146,14 +146,16 @@ def assert_params(ref, got, rtol=1e-6, atol=1e-6, what=""):
 
 
 def assert_state_dicts(ref_opt, opt, rtol=1e-6, atol=1e-6):
-    """fa's state_dict carries every entry torch's has, with the same values (fa may add master_param)."""
+    """fa's state_dict carries every entry torch's has, with the same values (fa may add master_param).
+    Devices may differ: fa keeps `step` on the parameter's device, as torch's fused=True and
+    capturable=True optimizers do (torch's default keeps it on the CPU)."""
     want, got = ref_opt.state_dict()["state"], opt.state_dict()["state"]
     assert got.keys() == want.keys(), f"state for parameters {sorted(got)}, torch has {sorted(want)}"
     for i in want:
         assert set(want[i]) <= set(got[i]), f"param {i}: state keys {sorted(got[i])}, torch has {sorted(want[i])}"
         for k in want[i]:
             torch.testing.assert_close(
-                torch.as_tensor(got[i][k]).float(), torch.as_tensor(want[i][k]).float(), rtol=rtol, atol=atol,
+                torch.as_tensor(got[i][k]).float().cpu(), torch.as_tensor(want[i][k]).float().cpu(), rtol=rtol, atol=atol,
                 msg=lambda m: f"state[{i}][{k!r}]: {m}",
             )
 
@@ -566,6 +568,28 @@ def test_rollback_to_a_state_dict_where_a_parameter_had_no_state(mode):
     for w, (a, b) in enumerate(zip(ref, got)):
         assert_params(a, b, what=f"{w} windows after the rollback:")
     assert_state_dicts(ref_opt, opt)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_step_is_kept_where_torchs_fused_optimizer_keeps_it(device_backend, name):
+    """state["step"] is a float32 tensor on the parameter's device, as in torch's fused=True
+    optimizers (the fused kernels read it there; torch's default for-loop/foreach keeps it on the
+    CPU). A CPU step loaded from a torch.optim checkpoint moves to the device and counts on."""
+    device, _ = device_backend
+    p, q = (torch.nn.Parameter(torch.linspace(-1, 1, 7, device=device)) for _ in range(2))
+    ref, opt = getattr(torch.optim, name)([q], lr=0.1, fused=True), getattr(fa, name)([p], lr=0.1)
+    for o, t in ((ref, q), (opt, p)):
+        t.grad = torch.full_like(t, 0.25)
+        o.step()
+    want, got = ref.state[q]["step"], opt.state[p]["step"]
+    assert (got.device, got.dtype, got.shape, got.item()) == (want.device, want.dtype, want.shape, want.item())
+    plain = getattr(torch.optim, name)([q], lr=0.1)
+    plain.load_state_dict(ref.state_dict())
+    plain.state[q]["step"] = plain.state[q]["step"].cpu()
+    opt.load_state_dict(plain.state_dict())
+    p.grad = torch.full_like(p, 0.25)
+    opt.step()
+    assert opt.state[p]["step"].device == p.device and opt.state[p]["step"].item() == 2.0
 
 
 # -- 4. master weights follow the parameters -----------------------------------------------------

@@ -10,17 +10,17 @@ import fusedaccum as fa
 N = 2
 
 
-def run(make_opt, attach, unscale_and_clip, inf_window, backend_steps=4):
+def run(device, make_opt, attach, unscale_and_clip, inf_window, backend_steps=4):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(device)
     opt = make_opt(model.parameters())
     if attach:
         fa.GradAccumulator(opt)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, growth_interval=3)
     gen = torch.Generator().manual_seed(1)
     for window in range(backend_steps):
         for _ in range(N):
-            x = torch.randn(4, 6, generator=gen)
+            x = torch.randn(4, 6, generator=gen).to(device)
             loss = model(x).square().mean() / N
             if window == inf_window:
                 loss = loss * float("inf")
@@ -39,9 +39,10 @@ def run(make_opt, attach, unscale_and_clip, inf_window, backend_steps=4):
 @pytest.mark.parametrize("inf_window", [None, 1], ids=["finite", "overflow"])
 @pytest.mark.parametrize("name", ["Adam", "SGD"])
 def test_grad_scaler_matches_torch(device_backend, name, inf_window, unscale_and_clip, attach):
+    device, _ = device_backend
     kwargs = dict(lr=1e-2) if name == "Adam" else dict(lr=0.1, momentum=0.9)
-    ref, ref_scale = run(lambda p: getattr(torch.optim, name)(p, foreach=False, **kwargs), False, unscale_and_clip, inf_window)
-    got, scale = run(lambda p: getattr(fa, name)(p, **kwargs), attach, unscale_and_clip, inf_window)
+    ref, ref_scale = run(device, lambda p: getattr(torch.optim, name)(p, foreach=False, **kwargs), False, unscale_and_clip, inf_window)
+    got, scale = run(device, lambda p: getattr(fa, name)(p, **kwargs), attach, unscale_and_clip, inf_window)
     assert scale == ref_scale
     # growth_interval=3 over 4 windows: the scale grows once without an overflow, and not at all
     # after the backoff of window 1.
