@@ -15,12 +15,14 @@
 // Locking: hooks of parameters on different devices can run on different autograd threads,
 // so every entry point takes the window's mutex. Methods called from Python release the GIL
 // first, so the order is always mutex, then GIL (a Python backend or the error messages).
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/extension.h>
 
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -121,6 +123,7 @@ class Window : public std::enable_shared_from_this<Window> {
     TORCH_CHECK(node, "fusedaccum: parameter ", i, " has no gradient accumulator (is it a leaf?)");
     hook_keys_[i] = node->add_post_hook(std::make_unique<FoldHook>(weak_from_this(), i));
     nodes_[i] = std::move(node);  // the tensor holds its accumulator weakly: keep it alive
+    stream_.reset();  // a node made on another stream than the others: follow_current_stream() redoes all
     hooked_[i] = 1;
     bucket_size_[bucket_of_[i]] += 1;
     return true;
@@ -136,6 +139,27 @@ class Window : public std::enable_shared_from_this<Window> {
   void remove_hooks() {
     std::lock_guard<std::mutex> lock(mutex_);
     remove_hooks_locked();
+  }
+
+  // The engine runs an AccumulateGrad node, and syncs its input with it, on the stream the node
+  // recorded when it was made. torch makes a fresh node at each forward, on the forward's
+  // stream; ours live on (they hold the hooks), so they would keep the stream current when the
+  // accumulator was built: a backward on any other stream would sync with that one, and a
+  // CUDA graph capture would fail when it is the legacy default stream ("operation would make
+  // the legacy stream depend on a capturing blocking stream"). Called before each backward we
+  // run (and after each swap-in backward), this re-records the device's current stream, as a
+  // fresh node would; a no-op while that stream stays the same. Never during a backward.
+  void follow_current_stream() {
+    if (device_.type() == c10::DeviceType::CPU) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    const c10::Stream now = c10::impl::VirtualGuardImpl(device_.type()).getStream(device_);
+    if (stream_ == now) return;
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      if (!nodes_[i]) continue;
+      nodes_[i]->clear_input_metadata();  // what AccumulateGrad's constructor records, again
+      nodes_[i]->add_input_metadata(params_[i]);
+    }
+    stream_ = now;
   }
 
   // -- per micro-batch -------------------------------------------------------------------
@@ -365,6 +389,7 @@ class Window : public std::enable_shared_from_this<Window> {
   std::mutex mutex_;
   std::vector<char> touched_, touched_last_, hooked_;
   std::vector<NodePtr> nodes_;
+  std::optional<c10::Stream> stream_;  // the stream every node in nodes_ records, when known
   std::vector<uintptr_t> hook_keys_;
   std::vector<int64_t> bucket_of_, bucket_size_;
   std::vector<std::vector<Item>> pending_;
@@ -402,6 +427,7 @@ void bind_window(py::module_& m) {
       .def("hook", &Window::hook, R())
       .def("hook_all", &Window::hook_all, R())
       .def("remove_hooks", &Window::remove_hooks, R())
+      .def("follow_current_stream", &Window::follow_current_stream, R())
       .def("set_mode", &Window::set_mode, R())
       .def("flush_all", &Window::flush_all, R())
       .def("fold_deferred", &Window::fold_deferred, R())

@@ -221,6 +221,8 @@ class GradAccumulator:
             )
         self._adopt_new_params()
         self._check_untouched_grads()
+        for w in self._windows:
+            w.follow_current_stream()  # the hooked nodes run on this backward's stream
         last = self._micro_step == n - 1
         # Data parallel: the norm and the non-finite flag are the reduced gradient's, read at the step.
         self._stats_now = last and self._dp is None
@@ -420,6 +422,7 @@ class GradAccumulator:
         self._set_swap_in_mode()
         for w in self._windows:
             w.fold_deferred()
+            w.follow_current_stream()  # the caller's stream (callbacks run on it): the next backward's, likely
 
     def _check_untouched_grads(self, w=None) -> None:
         for w in self._windows if w is None else [w]:

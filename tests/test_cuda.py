@@ -2,6 +2,7 @@
 window captured in a CUDA graph. Plus torch.compile(fullgraph=True) over the ops, which also
 runs on CPU."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -149,6 +150,38 @@ def test_non_default_stream_with_gradients_freed_after_the_call(backend):
 def _window_model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Embedding(1000, 128), torch.nn.Linear(128, 1000)).cuda()
+
+
+@cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_training_on_a_side_stream_after_building_on_the_default_one(backend):
+    """The accumulator keeps the parameters' AccumulateGrad nodes alive (they carry its hooks),
+    so they outlive the forward that made them; each acc.backward() re-records the stream it
+    runs on, as the fresh nodes torch makes at every forward would. Otherwise every gradient is
+    synced with the stream the accumulator was built on (torch warns: "The AccumulateGrad
+    node's stream does not match..."), and a captured window fails there (next test)."""
+    fa.set_backend(backend)
+    N = 3
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, 1000, (N, 8, 20), generator=gen).cuda(),
+                torch.randint(0, 1000, (N, 8, 20), generator=gen).cuda()) for _ in range(2)]
+    models = []
+    for stream in (None, torch.cuda.Stream()):
+        model = _window_model()
+        acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=1e-3), accumulation_steps=N, max_grad_norm=1.0)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for xs, ys in batches:
+                for k in range(N):
+                    acc.backward(torch.nn.functional.cross_entropy(model(xs[k]).view(-1, 1000), ys[k].view(-1)))
+                acc.step()
+        torch.cuda.synchronize()
+        assert not [w for w in caught if "AccumulateGrad node's stream" in str(w.message)], caught[0].message
+        models.append(model)
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
 
 
 @cuda
