@@ -96,6 +96,13 @@ versions() {
     echo "not importable: $("$PY" "$HELPER" missing pytest numpy ninja rich matplotlib | tr '\n' ' ')"
     if command -v nvcc >/dev/null; then nvcc --version | tail -2; else echo "no nvcc on PATH"; fi
     echo "CUDA_HOME=${CUDA_HOME:-} CUDA_PATH=${CUDA_PATH:-}"
+    # The C++ compiler the build will use (torch takes $CXX, else c++ on PATH) and the one torch
+    # was built with: an H200 image's /opt/gcc g++ built an extension whose C++ error path
+    # segfaulted (2026-12-04), hence error_path_check below.
+    echo "CXX=${CXX:-} c++=$(command -v c++ || echo none) g++=$(command -v g++ || echo none)"
+    "${CXX:-c++}" --version 2>&1 | head -1
+    [ -x /usr/bin/g++ ] && echo "/usr/bin/g++: $(/usr/bin/g++ --version 2>&1 | head -1)"
+    "$PY" -c "import torch, re; print('torch built with:', re.search(r'(GCC|clang)[^\n]*', torch.__config__.show()).group(0))" 2>&1
   } > "$OUT/versions.txt" 2>&1
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/nvidia-smi.txt"
 }
@@ -121,7 +128,8 @@ build_step() {
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
   if [ "$plan" = build ]; then
     export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}}
-    T=$(( $(left) - 150 ))  # leaves time for a build without CUDA if this one fails
+    local reserve=$(( $(left) / 3 )); [ $reserve -gt 150 ] && reserve=150
+    T=$(( $(left) - reserve ))  # leaves time for a build without CUDA if this one fails
     [ "$T" -ge 60 ] || T=60
     say "build: with the CUDA kernels, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS, limit ${T}s; $note"
     CUDA_HOME=$home timeout -k 10 "$T" "${pip_build[@]}" > "$OUT/build.log" 2>&1
@@ -167,10 +175,34 @@ assert dispatch.extension_has_cuda() == bool($cuda_built), 'the CUDA kernels are
     record build extension FAILED $((SECONDS - t0)) "installed but does not import as built; see the end of build.log"
     return 1
   fi
+  if ! error_path_check; then
+    # Seen on an H200 image (CXX=/opt/gcc/bin/g++, 2026-12-04): a TORCH_CHECK whose message is
+    # formatted (an index, an offset) crashed the process instead of raising. Once, with the
+    # system compiler, if there is another one.
+    if [ -x /usr/bin/g++ ] && [ "$(command -v "${CXX:-c++}")" != /usr/bin/g++ ] && [ -z "${GPU_CHECK_CXX_RETRIED:-}" ]; then
+      say "the extension's C++ error path crashes: rebuilding once with /usr/bin/g++"
+      record build error-path FAILED $((SECONDS - t0)) "built with ${CXX:-c++}: a failed TORCH_CHECK with a formatted message segfaults; rebuilding with /usr/bin/g++"
+      GPU_CHECK_CXX_RETRIED=1 CXX=/usr/bin/g++ CC=/usr/bin/gcc build_step
+      return $?
+    fi
+    record build error-path FAILED $((SECONDS - t0)) "a failed TORCH_CHECK with a formatted message segfaults (compiler ${CXX:-c++}); see error-path.log"
+  fi
   mkdir -p "$ROOT/build"
   printf '%s\n' "$("$PY" "$HELPER" source-hash)" "$("$PY" -c 'import sys; print(sys.executable)')" \
     "$cuda_built" "$reason" > "$STAMP"
   record build extension ok $((SECONDS - t0)) "$(tail -1 "$OUT/build.log"); $(tail -2 "$OUT/build.log" | head -1)"
+}
+
+error_path_check() {  # a refused argument raises, in a fresh process (from tests/: the installed package)
+  (cd tests && timeout 120 "$PY" -c "
+import torch, fusedaccum
+try:
+    torch.ops.fusedaccum_C.accumulate(torch.zeros(4), [torch.ones(3)], [2], 1.0, True, None, None)
+except RuntimeError as e:
+    print('raised as it should:', str(e).splitlines()[0])
+else:
+    raise SystemExit('no error for a gradient past the end of its arena')
+") >> "$OUT/error-path.log" 2>&1
 }
 
 ensure_built() {  # the tests and the bench need this tree installed; build it if it is not
