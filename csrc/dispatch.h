@@ -39,12 +39,21 @@ inline void check_step_tensors(const char* op, const at::Tensor& param, const at
                                std::initializer_list<const at::Tensor*> scalars) {
   check_like_param(op, "param", param, param);
   check_like_param(op, "grad", grad, param);
+  // An int16 param_copy is the remainder of a bf16 parameter: the two are the fp32 master,
+  // and the state is fp32 (master_weights="remainder").
+  const bool remainder = param_copy != nullptr && param_copy->scalar_type() == at::kShort;
+  const at::ScalarType state_type = remainder ? at::kFloat : param.scalar_type();
   for (const at::Tensor* t : state) {
     if (t == nullptr) continue;
     check_like_param(op, "optimizer state", *t, param);
-    TORCH_CHECK(t->scalar_type() == param.scalar_type(), op, ": optimizer state must have the parameter's dtype");
+    TORCH_CHECK(t->scalar_type() == state_type, op, ": optimizer state must have the parameter's dtype (float32 with a remainder)");
   }
-  if (param_copy != nullptr) {
+  if (remainder) {
+    TORCH_CHECK(param.scalar_type() == at::kBFloat16 && param_copy->layout() == at::kStrided && param_copy->dim() == 1 &&
+                    param_copy->is_contiguous() && param_copy->numel() == param.numel() &&
+                    param_copy->device() == param.device(),
+                op, ": an int16 param_copy is the flat remainder of a bfloat16 parameter, of its size and on its device");
+  } else if (param_copy != nullptr) {
     check_like_param(op, "param_copy", *param_copy, param);
     TORCH_CHECK(param.scalar_type() == at::kFloat &&
                     (param_copy->scalar_type() == at::kBFloat16 || param_copy->scalar_type() == at::kHalf),

@@ -169,6 +169,28 @@ C10_HOST_DEVICE inline c10::BFloat16 to_bf16(float x) {
   return c10::BFloat16(bits, c10::BFloat16::from_bits());
 }
 
+// master_weights="remainder": a bf16 parameter and an int16 remainder are together its fp32
+// master, bit for bit. The remainder is the master's low 16 bits; the bf16 is its high half,
+// rounded half up in magnitude (so it is the master rounded to nearest, ties aside, and its
+// sign bit says whether it was rounded up: reconstruction subtracts that one back).
+// Every non-NaN float survives split then merge exactly (an fp32 near FLT_MAX shows as an
+// infinite bf16, as rounding to nearest does); a NaN stays a NaN, its payload not kept.
+C10_HOST_DEVICE inline float merge_remainder(uint16_t hi, int16_t rem) {
+  // Sign-extended: a negative remainder adds 0xFFFF0000 + low, i.e. takes one off the high half.
+  const uint32_t u = (static_cast<uint32_t>(hi) << 16) + static_cast<uint32_t>(static_cast<int32_t>(rem));
+  float x;
+  memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+C10_HOST_DEVICE inline void split_remainder(float x, uint16_t& hi, int16_t& rem) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  rem = static_cast<int16_t>(static_cast<uint16_t>(u & 0xFFFFu));
+  const uint32_t up = (u >> 16) + ((u >> 15) & 1u);  // no carry past 16 bits: that top half is a NaN's
+  hi = static_cast<uint16_t>((x != x) ? ((u >> 16) | 0x0040u) : up);  // selects: CPU loops vectorize
+}
+
 // storage type -> float, vectorizable on CPU (bf16 is the top half of an fp32).
 C10_HOST_DEVICE inline float load_float(float x) { return x; }
 C10_HOST_DEVICE inline float load_float(c10::Half x) { return static_cast<float>(x); }

@@ -6,7 +6,8 @@ kernel per tensor. Each parameter keeps a storage of its own that aliases its sl
 memory (see `alias`), so torch.save, safetensors and Accelerate see every parameter as itself,
 not as one tied tensor. Beside the parameters the arena holds the gradient accumulation
 buffer (fp32 by default), the optimizer state, the fp32 master copy when master weights are
-kept, and one step count per parameter.
+kept (or, with master_weights="remainder", the int16 low halves that make the bf16 parameters
+the fp32 master), and one step count per parameter.
 
 The arena is a cache of what torch shows the user (p.data, optimizer.state[p]); the
 optimizer's `_reconcile` is the one place that brings it back in line before each step.
@@ -31,8 +32,19 @@ def alias(view: torch.Tensor) -> torch.Tensor:
     return torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(view))
 
 
+def master_mode(value) -> bool | str:
+    """master_weights as given: False, True (an fp32 master) or "remainder" (int16 remainders)."""
+    if value is None or value is False or value is True or value == "remainder":
+        return value or False
+    raise ValueError(
+        f"master_weights={value!r}: pass False, True (an fp32 master copy beside each bf16/fp16 parameter, "
+        f"4 B per parameter) or \"remainder\" (bf16 parameters only: a 2-byte remainder that makes the bf16 "
+        f"parameter the exact fp32 master)"
+    )
+
+
 class Arena:
-    def __init__(self, group_index: int, params: list[torch.Tensor], master_weights: bool):
+    def __init__(self, group_index: int, params: list[torch.Tensor], master_weights: bool | str):
         self.group_index = group_index
         self.params = params
         self.device = params[0].device
@@ -52,8 +64,14 @@ class Arena:
                 view.copy_(p)
                 p.data = alias(view)
         self.data_ptrs = [p.data_ptr() for p in params]
+        # Master weights: an fp32 copy of the parameters, or (master_weights="remainder", bf16)
+        # the low 16 bits of the fp32 master, which the bf16 parameter completes bit for bit
+        # (csrc/elementwise.h merge_remainder). Zero remainders: the master is the parameter.
         self.master = None
-        if master_weights and self.dtype != torch.float32:
+        self.remainder = None
+        if master_weights == "remainder" and self.dtype == torch.bfloat16:
+            self.remainder = torch.zeros(end, dtype=torch.int16, device=self.device)
+        elif master_weights and self.dtype != torch.float32:
             self.master = self.param.float()
         # The parameters' version counters when the master last agreed with them: an in-place
         # change from outside (load_state_dict, clamp_, copy_) bumps it, and the master is
@@ -71,8 +89,36 @@ class Arena:
         self.published: list[dict | None] = [None] * len(params)
 
     @property
+    def has_master(self) -> bool:
+        return self.master is not None or self.remainder is not None
+
+    @property
     def state_dtype(self) -> torch.dtype:
-        return torch.float32 if self.master is not None else self.dtype
+        return torch.float32 if self.has_master else self.dtype
+
+    def master_of(self, i: int) -> torch.Tensor | None:
+        """Parameter i's fp32 master as a tensor: a view of the master, or, with remainders, a
+        new tensor made from the parameter and its remainder; None without master weights."""
+        if self.master is not None:
+            return self.view(self.master, i)
+        if self.remainder is not None:
+            from fusedaccum.reference import merge_remainder
+
+            return merge_remainder(self.view(self.param, i), self.view(self.remainder, i))
+        return None
+
+    def set_master(self, i: int, master: torch.Tensor) -> None:
+        """Parameter i's fp32 master becomes `master`; with remainders the bf16 parameter is
+        rewritten as its high half (the master rounded to nearest, ties aside)."""
+        if self.master is not None:
+            self.view(self.master, i).copy_(master)
+        elif self.remainder is not None:
+            from fusedaccum.reference import split_remainder
+
+            hi, rem = split_remainder(master.to(self.device, torch.float32).reshape(self.params[i].shape))
+            self.view(self.param, i).copy_(hi)
+            self.view(self.remainder, i).copy_(rem)
+        self.versions[i] = self.params[i]._version
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[o : o + n].view(p.shape) for p, o, n in zip(self.params, self.offsets, self.numels)]
@@ -121,6 +167,8 @@ class Arena:
     def reseed_master(self, i: int) -> None:
         if self.master is not None:
             self.view(self.master, i).copy_(self.params[i])
+        if self.remainder is not None:
+            self.view(self.remainder, i).zero_()  # the master is the bf16 value itself
         self.versions[i] = self.params[i]._version
 
     def renumber_step_classes(self) -> None:
@@ -162,7 +210,7 @@ class Arena:
         return [flat[slice(*self.range_of(a, b))] for a, b in self.runs(touched)]
 
 
-def build_arenas(param_groups: list[dict], master_weights: bool, start: int = 0) -> list[Arena]:
+def build_arenas(param_groups: list[dict], master_weights: bool | str, start: int = 0) -> list[Arena]:
     """Checks every parameter first, then moves them into arenas (a refused group changes nothing)."""
     arenas = []
     for gi, group in enumerate(param_groups, start):
@@ -183,6 +231,11 @@ def build_arenas(param_groups: list[dict], master_weights: bool, start: int = 0)
                 raise ValueError(
                     f"fusedaccum optimizers support float32, bfloat16 and float16 parameters; {name} is {p.dtype}. "
                     f"Keep this parameter on a torch.optim optimizer."
+                )
+            if master_weights == "remainder" and p.dtype == torch.float16:
+                raise ValueError(
+                    f"master_weights='remainder' needs bfloat16 parameters (a bf16 value is the top half of an fp32 "
+                    f"one; a float16 is not); {name} is float16. Use master_weights=True for float16 parameters."
                 )
             by_key.setdefault((p.device, p.dtype), []).append(p)
         arenas += [Arena(gi, ps, master_weights) for ps in by_key.values()]

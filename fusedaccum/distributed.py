@@ -79,11 +79,11 @@ class DataParallel:
                 )
 
     def _broadcast_parameters(self) -> None:
-        """Every rank starts from the first rank's parameters (and fp32 masters), as DDP does when it wraps."""
+        """Every rank starts from the first rank's parameters (and fp32 masters or remainders), as DDP does when it wraps."""
         src = dist.get_global_rank(self.group, 0)
         with torch.no_grad():
             for w in self.windows:
-                for flat in (w.arena.param, w.arena.master):
+                for flat in (w.arena.param, w.arena.master, w.arena.remainder):
                     if flat is not None:
                         dist.broadcast(flat, src=src, group=self.group)
 

@@ -16,7 +16,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fusedaccum.arena import Arena, build_arenas
+from fusedaccum.arena import Arena, build_arenas, master_mode
 
 # parameter -> weakref to the fusedaccum optimizer whose arena holds its memory
 _OWNER = WeakIdKeyDictionary()
@@ -32,7 +32,7 @@ class FusedOptimizer:
     _step_supports_amp_scaling = True
 
     def _init_fused(self, kwargs: dict) -> dict:
-        self.master_weights = bool(kwargs.pop("master_weights", False))
+        self.master_weights = master_mode(kwargs.pop("master_weights", False))
         if kwargs.get("differentiable"):
             raise ValueError("fusedaccum optimizers do not support differentiable=True; use torch.optim for that")
         # The step is always fused here; torch's own foreach/fused switches do not apply.
@@ -140,7 +140,7 @@ class FusedOptimizer:
             # work only where something changed.
             if [p.data_ptr() for p in params] != arena.data_ptrs or {p.dtype for p in params} != {arena.dtype}:
                 arena.check_params()
-            if arena.master is not None:
+            if arena.has_master:
                 versions = [p._version for p in params]
                 if versions != arena.versions:
                     for i, (now, seen) in enumerate(zip(versions, arena.versions)):
@@ -177,12 +177,15 @@ class FusedOptimizer:
             arena.steps[i] = float(entry.get("step", 0))
         else:  # torch.optim.SGD keeps no count; a momentum buffer means "not the first step"
             arena.steps[i] = 0.0 if entry.get("momentum_buffer") is None else 1.0
-        master = entry.get("master_param")
-        if arena.master is None or master is None:
+        master, remainder = entry.get("master_param"), entry.get("master_remainder")
+        if arena.remainder is not None and remainder is not None and master is None:
+            if remainder is not published.get("master_remainder"):  # a copied optimizer's live state
+                arena.view(arena.remainder, i).copy_(remainder)
+            arena.versions[i] = arena.params[i]._version
+        elif not arena.has_master or master is None:
             arena.reseed_master(i)
         elif master is not published.get("master_param"):
-            arena.view(arena.master, i).copy_(master)
-            arena.versions[i] = arena.params[i]._version
+            arena.set_master(i, master)
         self._publish(arena, i, names)
 
     def _publish(self, arena: Arena, i: int, names: tuple[str, ...]) -> None:
@@ -192,6 +195,8 @@ class FusedOptimizer:
             entry[name] = arena.view(arena.state[name], i)
         if arena.master is not None:
             entry["master_param"] = arena.view(arena.master, i)
+        if arena.remainder is not None:
+            entry["master_remainder"] = arena.view(arena.remainder, i)
         arena.published[i] = entry
         if entry:
             p = arena.params[i]
@@ -241,11 +246,33 @@ class FusedOptimizer:
 
     @staticmethod
     def _param_and_copy(arena: Arena, lo: int, hi: int):
+        """The step ops' (param, param_copy): the fp32 master and the parameter it is copied to,
+        the bf16 parameter and its int16 remainder, or the parameter alone."""
         if arena.master is not None:
             return arena.master[lo:hi], arena.param[lo:hi]
+        if arena.remainder is not None:
+            return arena.param[lo:hi], arena.remainder[lo:hi]
         return arena.param[lo:hi], None
 
     # -- state_dict, copies, pickling -----------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """torch.optim's state_dict; with master_weights="remainder" each `master_remainder` is
+        saved as the fp32 `master_param` it makes with the parameter, so checkpoints load into
+        master_weights=True (and back) and torch.optim ignores the key."""
+        saved = super().state_dict()
+        if self.master_weights != "remainder":
+            return saved
+        where = {id(p): (arena, i) for arena in self._arenas for i, p in enumerate(arena.params)}
+        params = [p for group in self.param_groups for p in group["params"]]
+        state = {}
+        for index, entry in saved["state"].items():
+            if isinstance(index, int) and entry.get("master_remainder") is not None and id(params[index]) in where:
+                arena, i = where[id(params[index])]
+                entry = {k: v for k, v in entry.items() if k != "master_remainder"}
+                entry["master_param"] = arena.master_of(i)
+            state[index] = entry
+        return {**saved, "state": state}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's load_state_dict (hooks included); the next step adopts the loaded state."""
@@ -370,7 +397,7 @@ class Lion(FusedOptimizer, torch.optim.Optimizer):
             raise ValueError(f"Invalid beta parameters: {betas}; each must be in [0, 1)")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        self.master_weights = bool(master_weights)
+        self.master_weights = master_mode(master_weights)
         self._init_arenas()
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize))
 

@@ -33,6 +33,46 @@ def accumulate(arena, grads, offsets, scale, first, sumsq, found_inf) -> None:
         add_sum_of_squares(torch.cat(written), sumsq, found_inf)
 
 
+def merge_remainder(hi: torch.Tensor, rem: torch.Tensor) -> torch.Tensor:
+    """The fp32 master that a bf16 tensor and its int16 remainder are (csrc/elementwise.h).
+
+    bits = (hi << 16) + rem, the remainder sign-extended: a negative one takes the one back
+    that rounding added to the high half."""
+    bits = ((hi.view(torch.int16).to(torch.int64) & 0xFFFF) << 16) + rem.to(torch.int64)
+    bits = bits & 0xFFFFFFFF
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+
+
+def split_remainder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bf16, int16 remainder) of fp32 x: the high half rounded half up in magnitude, the low
+    16 bits as they are; a NaN stays a NaN (csrc/elementwise.h split_remainder)."""
+    u = x.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    low = u & 0xFFFF
+    hi = torch.where(x.isnan(), (u >> 16) | 0x0040, (u >> 16) + ((u >> 15) & 1)) & 0xFFFF
+
+    def to_int16(v):
+        return torch.where(v >= 1 << 15, v - (1 << 16), v).to(torch.int16)
+
+    return to_int16(hi).view(torch.bfloat16), to_int16(low)
+
+
+def _master(param, param_copy):
+    """The fp32 value the step updates: the parameter, or the master a bf16 parameter and its
+    int16 remainder are together (master_weights="remainder")."""
+    if param_copy is not None and param_copy.dtype == torch.int16:
+        return merge_remainder(param, param_copy)
+    return param.float()
+
+
+def _weight_writes(param, param_copy, p) -> list:
+    """Where the new fp32 value goes: the parameter (and its low-precision copy), or the bf16
+    parameter and its remainder."""
+    if param_copy is not None and param_copy.dtype == torch.int16:
+        hi, rem = split_remainder(p)
+        return [(param, hi), (param_copy, rem)]
+    return [(param, p)] + ([(param_copy, p)] if param_copy is not None else [])
+
+
 def _write_unless(skip, pairs) -> None:
     """dst.copy_(new) for each pair, or leave every dst untouched when skip is set."""
     for dst, new in pairs:
@@ -44,7 +84,7 @@ def _write_unless(skip, pairs) -> None:
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, step, factor, found_inf,
               lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize) -> None:
-    p = param.float()
+    p = _master(param, param_copy)
     g = grad.float() * factor
     if maximize:
         g = -g
@@ -63,15 +103,12 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, step
         v = torch.maximum(max_exp_avg_sq.float(), v)
         writes.append((max_exp_avg_sq, v))
     p = p - step_size * (m / (v.sqrt() / bias_correction2_sqrt + eps))
-    writes.append((param, p))
-    if param_copy is not None:
-        writes.append((param_copy, p))
-    _write_unless(found_inf, writes)
+    _write_unless(found_inf, writes + _weight_writes(param, param_copy, p))
 
 
 def sgd_step(param, grad, momentum_buffer, param_copy, step, factor, found_inf,
              lr, momentum, dampening, weight_decay, nesterov, maximize) -> None:
-    p = param.float()
+    p = _master(param, param_copy)
     g = grad.float() * factor
     if maximize:
         g = -g
@@ -83,14 +120,11 @@ def sgd_step(param, grad, momentum_buffer, param_copy, step, factor, found_inf,
         writes.append((momentum_buffer, buf))
         g = g + momentum * buf if nesterov else buf
     p = p - lr * g
-    writes.append((param, p))
-    if param_copy is not None:
-        writes.append((param_copy, p))
-    _write_unless(found_inf, writes)
+    _write_unless(found_inf, writes + _weight_writes(param, param_copy, p))
 
 
 def lion_step(param, grad, exp_avg, param_copy, factor, found_inf, lr, beta1, beta2, weight_decay, maximize) -> None:
-    p = param.float()
+    p = _master(param, param_copy)
     g = grad.float() * factor
     if maximize:
         g = -g
@@ -98,7 +132,4 @@ def lion_step(param, grad, exp_avg, param_copy, factor, found_inf, lr, beta1, be
     update = torch.sign(beta1 * m + (1 - beta1) * g)
     p = p * (1 - lr * weight_decay) - lr * update
     m = beta2 * m + (1 - beta2) * g
-    writes = [(param, p), (exp_avg, m)]
-    if param_copy is not None:
-        writes.append((param_copy, p))
-    _write_unless(found_inf, writes)
+    _write_unless(found_inf, [(exp_avg, m)] + _weight_writes(param, param_copy, p))

@@ -442,3 +442,69 @@ def test_opcheck(device_backend, name):
     device, _ = device_backend
     op = getattr(torch.ops.fusedaccum, name).default
     torch.library.opcheck(op, opcheck_args(device)[name])
+
+
+# -- master_weights="remainder": a bf16 parameter and its int16 remainder are the fp32 master ----
+
+REMAINDER_STEPS = {
+    # state names, call(param, grad, states, copy, step, factor, found_inf)
+    "adam_step": (3, lambda p, g, s, c, step, f, inf: torch.ops.fusedaccum.adam_step(
+        p, g, s[0], s[1], s[2], c, step, f, inf, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False)),
+    "sgd_step": (1, lambda p, g, s, c, step, f, inf: torch.ops.fusedaccum.sgd_step(
+        p, g, s[0], c, step, f, inf, 0.1, 0.9, 0.1, 0.01, True, False)),
+    "lion_step": (1, lambda p, g, s, c, step, f, inf: torch.ops.fusedaccum.lion_step(
+        p, g, s[0], c, f, inf, 1e-3, 0.9, 0.99, 0.1, True)),
+}
+
+
+@pytest.mark.parametrize("grad_dtype", [F32, BF16])
+@pytest.mark.parametrize("name", list(REMAINDER_STEPS))
+def test_step_with_a_remainder_is_the_fp32_master_step(device_backend, name, grad_dtype):
+    """The same backend's step on the fp32 master that (bf16 param, int16 remainder) are, then
+    split: bit for bit what the step on the pair writes, state included."""
+    from fusedaccum.reference import merge_remainder, split_remainder
+
+    device, backend = device_backend
+    n_state, call = REMAINDER_STEPS[name]
+    gen = torch.Generator().manual_seed(5)
+    for n in sizes_for(device, backend)[::2]:
+        hi = torch.randn(n, generator=gen).to(device=device, dtype=BF16)
+        rem = torch.randint(-(1 << 15), 1 << 15, (n,), generator=gen, dtype=torch.int16).to(device)
+        g = torch.randn(n, generator=gen).to(device=device, dtype=grad_dtype)
+        states = [torch.rand(n, generator=gen).to(device) for _ in range(n_state)]
+        master = merge_remainder(hi, rem)
+        want_states = [s.clone() for s in states]
+        step, factor = torch.full((), 3.0, device=device), torch.full((), 0.5, device=device)
+        call(master, g, want_states, None, step, factor, None)
+        call(hi, g, states, rem, step, factor, None)
+        want_hi, want_rem = split_remainder(master)
+        assert torch.equal(hi.view(torch.int16), want_hi.view(torch.int16)), f"{name} n={n}: bf16 halves differ"
+        assert torch.equal(rem, want_rem), f"{name} n={n}: remainders differ"
+        for a, b in zip(states, want_states):
+            assert torch.equal(a, b), f"{name} n={n}: state differs"
+        skip = torch.ones((), device=device)
+        before = [t.clone() for t in (hi, rem, *states)]
+        call(hi, g, states, rem, step, factor, skip)
+        assert all(torch.equal(a, b) for a, b in zip((hi, rem, *states), before)), "found_inf: nothing written"
+
+
+def test_step_refuses_a_remainder_that_does_not_fit():
+    p, one = torch.zeros(8, dtype=BF16), torch.ones(())
+    rem = torch.zeros(8, dtype=torch.int16)
+    with pytest.raises(ValueError, match="remainder of a bfloat16 parameter"):
+        torch.ops.fusedaccum.sgd_step(p.float(), p.float(), None, rem, one, one, None, 0.1, 0.0, 0.0, 0.0, False, False)
+    with pytest.raises(ValueError, match="float32 with a remainder"):
+        torch.ops.fusedaccum.lion_step(p, p, torch.zeros(8, dtype=BF16), rem, one, None, 1e-4, 0.9, 0.99, 0.0, False)
+    with pytest.raises(ValueError, match="7 elements but must have 8"):
+        torch.ops.fusedaccum.sgd_step(p, p, None, rem[:7], one, one, None, 0.1, 0.0, 0.0, 0.0, False, False)
+
+
+@pytest.mark.parametrize("name", ["adam_step", "sgd_step", "lion_step"])
+def test_opcheck_with_a_remainder(device_backend, name):
+    device, _ = device_backend
+    n = 37
+    args = list(opcheck_args(device)[name])
+    args[0] = args[0].to(BF16)
+    copy_at = {"adam_step": 5, "sgd_step": 3, "lion_step": 3}[name]
+    args[copy_at] = torch.randint(-(1 << 15), 1 << 15, (n,), dtype=torch.int16, device=device)
+    torch.library.opcheck(getattr(torch.ops.fusedaccum, name).default, tuple(args))

@@ -1,6 +1,7 @@
 // fusedaccum_C::adam_step on CPU: one pass over a flat arena updating the parameter (or its
-// fp32 master and the low-precision copy), exp_avg, exp_avg_sq and, for amsgrad,
-// max_exp_avg_sq. Adam and AdamW differ only in decoupled_weight_decay.
+// fp32 master and the low-precision copy, or a bf16 parameter and the int16 remainder that
+// make the fp32 master together), exp_avg, exp_avg_sq and, for amsgrad, max_exp_avg_sq.
+// Adam and AdamW differ only in decoupled_weight_decay.
 //
 // step, factor and found_inf are one-element tensors so that the CUDA kernel can read them
 // on the device without a host sync; here they are plain CPU reads. When found_inf is set
@@ -23,10 +24,11 @@ constexpr int64_t kGrain = 1 << 14;
 
 // amsgrad and the copy are template flags so that the loops have no conditional loads or
 // stores; the options inside adam_element are branch-free selects, so the float loop
-// vectorizes (tile.h says why it works on tiles).
-template <typename P, typename G, typename C, bool kAmsgrad, bool kCopy>
-FUSEDACCUM_CPU_CLONES void adam_loop(P* __restrict param, const G* __restrict grad, P* __restrict exp_avg, P* __restrict exp_avg_sq,
-               P* __restrict max_exp_avg_sq, C* __restrict param_copy,
+// vectorizes (tile.h says why it works on tiles). S is the state's type: P's, or float when
+// C is int16_t (a bf16 parameter whose remainder makes it the fp32 master).
+template <typename P, typename S, typename G, typename C, bool kAmsgrad, bool kCopy>
+FUSEDACCUM_CPU_CLONES void adam_loop(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg, S* __restrict exp_avg_sq,
+               S* __restrict max_exp_avg_sq, C* __restrict param_copy,
                int64_t begin, int64_t end, float factor, const AdamConstants c) {
   if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float>) {
     // fp32 parameter (or master) and gradient: the math runs on the arrays themselves; only
@@ -50,32 +52,40 @@ FUSEDACCUM_CPU_CLONES void adam_loop(P* __restrict param, const G* __restrict gr
   float p[kTile], g[kTile], m[kTile], v[kTile], vmax[kTile];
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    load_tile(param + t, p, n);
+    load_weights(param, param_copy, t, p, n);
     load_tile(grad + t, g, n);
     load_tile(exp_avg + t, m, n);
     load_tile(exp_avg_sq + t, v, n);
     if constexpr (kAmsgrad) load_tile(max_exp_avg_sq + t, vmax, n);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) adam_element(p[j], g[j], m[j], v[j], vmax[j], factor, c);
-    store_tile(p, param + t, n);
+    store_weights<P, C, kCopy>(p, param, param_copy, t, n);
     store_tile(m, exp_avg + t, n);
     store_tile(v, exp_avg_sq + t, n);
     if constexpr (kAmsgrad) store_tile(vmax, max_exp_avg_sq + t, n);
-    if constexpr (kCopy) store_tile(p, param_copy + t, n);
   }
 }
 
-template <typename P, typename G, typename C>
-void adam_range(P* param, const G* grad, P* exp_avg, P* exp_avg_sq, P* max_exp_avg_sq, C* param_copy,
-                int64_t begin, int64_t end, float factor, const AdamConstants& c) {
-  const bool copy = param_copy != nullptr;
-  if (c.amsgrad) {
-    copy ? adam_loop<P, G, C, true, true>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, begin, end, factor, c)
-         : adam_loop<P, G, C, true, false>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, begin, end, factor, c);
-  } else {
-    copy ? adam_loop<P, G, C, false, true>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, begin, end, factor, c)
-         : adam_loop<P, G, C, false, false>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, begin, end, factor, c);
-  }
+template <typename P, typename S, typename G, typename C>
+void adam_run(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+              const std::optional<at::Tensor>& max_exp_avg_sq, const std::optional<at::Tensor>& param_copy,
+              float factor, const AdamConstants& c) {
+  P* p = param.data_ptr<P>();
+  const G* g = grad.data_ptr<G>();
+  S* m = exp_avg.data_ptr<S>();
+  S* v = exp_avg_sq.data_ptr<S>();
+  S* vmax = c.amsgrad ? max_exp_avg_sq->data_ptr<S>() : nullptr;
+  C* copy = param_copy.has_value() ? param_copy->data_ptr<C>() : nullptr;
+  const bool with_copy = copy != nullptr;
+  at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    if (c.amsgrad) {
+      with_copy ? adam_loop<P, S, G, C, true, true>(p, g, m, v, vmax, copy, begin, end, factor, c)
+                : adam_loop<P, S, G, C, true, false>(p, g, m, v, vmax, copy, begin, end, factor, c);
+    } else {
+      with_copy ? adam_loop<P, S, G, C, false, true>(p, g, m, v, vmax, copy, begin, end, factor, c)
+                : adam_loop<P, S, G, C, false, false>(p, g, m, v, vmax, copy, begin, end, factor, c);
+    }
+  });
 }
 
 void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
@@ -84,7 +94,6 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
                    const at::Tensor& factor, const std::optional<at::Tensor>& found_inf,
                    double lr, double beta1, double beta2, double eps, double weight_decay,
                    bool decoupled_weight_decay, bool maximize) {
-  const int64_t n = param.numel();
   check_step_tensors("adam_step", param, grad, {&exp_avg, &exp_avg_sq, opt_ptr(max_exp_avg_sq)},
                      opt_ptr(param_copy), {&step, &factor, opt_ptr(found_inf)});
   const bool amsgrad = max_exp_avg_sq.has_value();
@@ -93,24 +102,22 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
   const AdamConstants c = adam_constants(read_cpu_scalar(step), lr, beta1, beta2, eps, weight_decay,
                                          decoupled_weight_decay, maximize, amsgrad);
   const float f = read_cpu_scalar(factor);
+  if (param_copy.has_value() && param_copy->scalar_type() == at::kShort) {
+    // master_weights="remainder": bf16 parameter + int16 remainder = the fp32 master; fp32 state.
+    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "adam_step_cpu_grad", [&] {
+      adam_run<c10::BFloat16, float, scalar_t, int16_t>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                                                        param_copy, f, c);
+    });
+    return;
+  }
   // With no copy the copy type is irrelevant; float keeps the instantiation count down.
   const at::ScalarType copy_type = param_copy.has_value() ? param_copy->scalar_type() : at::kFloat;
-
   FUSEDACCUM_DISPATCH_FLOAT_TYPES(param.scalar_type(), "adam_step_cpu", [&] {
     using p_t = scalar_t;
     FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "adam_step_cpu_grad", [&] {
       using g_t = scalar_t;
       FUSEDACCUM_DISPATCH_FLOAT_TYPES(copy_type, "adam_step_cpu_copy", [&] {
-        using c_t = scalar_t;
-        p_t* p = param.data_ptr<p_t>();
-        const g_t* g = grad.data_ptr<g_t>();
-        p_t* m = exp_avg.data_ptr<p_t>();
-        p_t* v = exp_avg_sq.data_ptr<p_t>();
-        p_t* vmax = amsgrad ? max_exp_avg_sq->data_ptr<p_t>() : nullptr;
-        c_t* copy = param_copy.has_value() ? param_copy->data_ptr<c_t>() : nullptr;
-        at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-          adam_range(p, g, m, v, vmax, copy, begin, end, f, c);
-        });
+        adam_run<p_t, p_t, g_t, scalar_t>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, f, c);
       });
     });
   });

@@ -18,9 +18,10 @@ namespace {
 constexpr int64_t kGrain = 1 << 14;
 
 // The copy is a template flag so that the loops have no conditional stores and vectorize
-// (tile.h says why they work on tiles).
-template <typename P, typename G, typename C, bool kCopy>
-FUSEDACCUM_CPU_CLONES void lion_loop(P* __restrict param, const G* __restrict grad, P* __restrict exp_avg,
+// (tile.h says why they work on tiles). S is the state's type: P's, or float when C is
+// int16_t (a bf16 parameter whose remainder makes it the fp32 master).
+template <typename P, typename S, typename G, typename C, bool kCopy>
+FUSEDACCUM_CPU_CLONES void lion_loop(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
                                      C* __restrict param_copy, int64_t begin, int64_t end, float factor,
                                      const LionConstants c) {
   if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float>) {
@@ -41,43 +42,52 @@ FUSEDACCUM_CPU_CLONES void lion_loop(P* __restrict param, const G* __restrict gr
   float p[kTile], g[kTile], m[kTile];
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    load_tile(param + t, p, n);
+    load_weights(param, param_copy, t, p, n);
     load_tile(grad + t, g, n);
     load_tile(exp_avg + t, m, n);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) lion_element(p[j], g[j], m[j], factor, c);
-    store_tile(p, param + t, n);
+    store_weights<P, C, kCopy>(p, param, param_copy, t, n);
     store_tile(m, exp_avg + t, n);
-    if constexpr (kCopy) store_tile(p, param_copy + t, n);
   }
+}
+
+template <typename P, typename S, typename G, typename C>
+void lion_run(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+              const std::optional<at::Tensor>& param_copy, float factor, const LionConstants& c) {
+  P* p = param.data_ptr<P>();
+  const G* g = grad.data_ptr<G>();
+  S* m = exp_avg.data_ptr<S>();
+  C* copy = param_copy.has_value() ? param_copy->data_ptr<C>() : nullptr;
+  at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    copy ? lion_loop<P, S, G, C, true>(p, g, m, copy, begin, end, factor, c)
+         : lion_loop<P, S, G, C, false>(p, g, m, copy, begin, end, factor, c);
+  });
 }
 
 void lion_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const std::optional<at::Tensor>& param_copy, const at::Tensor& factor,
                    const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2,
                    double weight_decay, bool maximize) {
-  const int64_t n = param.numel();
   check_step_tensors("lion_step", param, grad, {&exp_avg}, opt_ptr(param_copy), {&factor, opt_ptr(found_inf)});
   if (found_inf.has_value() && read_cpu_scalar(*found_inf) != 0.0f) return;
 
   const LionConstants c = lion_constants(lr, beta1, beta2, weight_decay, maximize);
   const float f = read_cpu_scalar(factor);
+  if (param_copy.has_value() && param_copy->scalar_type() == at::kShort) {
+    // master_weights="remainder": bf16 parameter + int16 remainder = the fp32 master; fp32 state.
+    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "lion_step_cpu_grad", [&] {
+      lion_run<c10::BFloat16, float, scalar_t, int16_t>(param, grad, exp_avg, param_copy, f, c);
+    });
+    return;
+  }
   const at::ScalarType copy_type = param_copy.has_value() ? param_copy->scalar_type() : at::kFloat;
-
   FUSEDACCUM_DISPATCH_FLOAT_TYPES(param.scalar_type(), "lion_step_cpu", [&] {
     using p_t = scalar_t;
     FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "lion_step_cpu_grad", [&] {
       using g_t = scalar_t;
       FUSEDACCUM_DISPATCH_FLOAT_TYPES(copy_type, "lion_step_cpu_copy", [&] {
-        using c_t = scalar_t;
-        p_t* p = param.data_ptr<p_t>();
-        const g_t* g = grad.data_ptr<g_t>();
-        p_t* m = exp_avg.data_ptr<p_t>();
-        c_t* copy = param_copy.has_value() ? param_copy->data_ptr<c_t>() : nullptr;
-        at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-          copy ? lion_loop<p_t, g_t, c_t, true>(p, g, m, copy, begin, end, f, c)
-               : lion_loop<p_t, g_t, c_t, false>(p, g, m, copy, begin, end, f, c);
-        });
+        lion_run<p_t, p_t, g_t, scalar_t>(param, grad, exp_avg, param_copy, f, c);
       });
     });
   });

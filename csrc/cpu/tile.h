@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../elementwise.h"
 
@@ -30,6 +31,38 @@ template <typename T>
 inline void store_tile(const float* __restrict src, T* __restrict dst, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) dst[j] = store_as<T>(src[j]);
+}
+
+// The weights a step reads and writes, as float: the parameter (with, on store, the
+// low-precision copy of an fp32 master), or a bf16 parameter and its int16 remainder, which
+// together are the fp32 master (master_weights="remainder", elementwise.h). Offsets rather
+// than shifted pointers: `copy` is null when there is none.
+template <typename P, typename C>
+inline void load_weights(const P* __restrict param, const C* __restrict copy, int64_t t, float* __restrict dst,
+                         int64_t n) {
+  if constexpr (std::is_same_v<C, int16_t>) {
+    static_assert(std::is_same_v<P, c10::BFloat16>, "a remainder goes with a bf16 parameter");
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = merge_remainder(param[t + j].x, copy[t + j]);
+  } else {
+    load_tile(param + t, dst, n);
+  }
+}
+
+template <typename P, typename C, bool kCopy>
+inline void store_weights(const float* __restrict src, P* __restrict param, C* __restrict copy, int64_t t,
+                          int64_t n) {
+  if constexpr (std::is_same_v<C, int16_t>) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      uint16_t hi;
+      split_remainder(src[j], hi, copy[t + j]);
+      param[t + j].x = hi;
+    }
+  } else {
+    store_tile(src, param + t, n);
+    if constexpr (kCopy) store_tile(src, copy + t, n);
+  }
 }
 
 }  // namespace fusedaccum

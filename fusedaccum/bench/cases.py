@@ -46,13 +46,15 @@ def accumulate_floor(grad_dtype: torch.dtype, first: bool = False) -> int:
     return grad_dtype.itemsize + (0 if first else 4) + 4
 
 
-def step_floor(optimizer: str, master: bool) -> int:
+def step_floor(optimizer: str, master: bool | str) -> int:
     """Read param (fp32 master), fp32 grad and state; write param and state (and the bf16 copy).
 
     Adam/AdamW: 28 B, 30 B with a master. SGD with momentum and Lion: 20 B (22 B with a master).
+    master="remainder": the bf16 parameter and its int16 remainder are read and written in the
+    master's place (4 B each way, as the master's), and there is no copy to write: 28 B again.
     """
     state = 1 if optimizer in ("SGD", "Lion") else 2
-    return 4 * (2 + state) + 4 * (1 + state) + (2 if master else 0)
+    return 4 * (2 + state) + 4 * (1 + state) + (2 if master is True else 0)
 
 
 # -- layouts -----------------------------------------------------------------------------
@@ -468,6 +470,45 @@ def boundary_job(s: Settings, layout: Layout, dtype_name: str, optimizer: str, a
     return rows
 
 
+def master_mode_job(s: Settings, layout: Layout) -> list[Row]:
+    """bf16 AdamW + clip: acc.step() with an fp32 master (master_weights=True: 30 B per step,
+    14 B of weights and state per parameter) against bf16 parameters + int16 remainders
+    ("remainder": 28 B per step, 12 B per parameter). Both keep the same fp32 master exactly."""
+    dtype, dev = torch.bfloat16, s.device
+    hyper = OPTIMIZERS["AdamW"][2]
+    init = random_tensors(layout.shapes, dtype, dev, seed=1)
+    window_grads = random_tensors(layout.shapes, dtype, dev, seed=2)
+
+    def call(b: str, mode) -> tuple:
+        with backend(b):
+            params = leaf_params(init)
+            acc = fa.GradAccumulator(fa.AdamW(params, master_weights=mode, **hyper), accumulation_steps=1,
+                                     max_grad_norm=MAX_GRAD_NORM)
+            acc.backward(probe_loss(params, window_grads))
+            assert acc.step()
+
+        def step():
+            with backend(b):
+                acc.step()
+
+        return step, params, lambda: reopen_window(acc)
+
+    calls, rows = {}, []
+    for b in s.backends:
+        step_true, p_true, reopen_true = call(b, True)
+        step_rem, p_rem, reopen_rem = call(b, "remainder")
+        assert_same(p_rem, p_true, dtype, f"boundary master modes {layout.name} [{b}]", lr=hyper["lr"])
+        calls[("true", b)] = (step_true, reopen_true)
+        calls[("remainder", b)] = (step_rem, reopen_rem)
+    times = s.clock.measure_interleaved(calls)
+    for b in s.backends:
+        rows.append(Row("boundary", layout.name, "bf16", b, "AdamW + clip, master weights",
+                        "master_weights=True (fp32 master)", 'master_weights="remainder"', times[("true", b)],
+                        times[("remainder", b)], layout.numel, step_floor("AdamW", "remainder"),
+                        standard_bytes_per_param=step_floor("AdamW", True)))
+    return rows
+
+
 # -- 3. whole window -----------------------------------------------------------------------
 
 
@@ -788,6 +829,8 @@ def plan(s: Settings, sections: list[str]) -> list[Job]:
                     for with_amp in (False, True) if amp and opt_name == "AdamW" and dt == "fp32" else (False,):
                         jobs.append(Job(f"boundary {opt_name}{' AMP' if with_amp else ''} {name} {dt}",
                                         functools.partial(boundary_job, s, layout, dt, opt_name, with_amp)))
+                if dt == "bf16":
+                    jobs.append(Job(f"boundary master modes {name}", functools.partial(master_mode_job, s, layout)))
             if "window" in sections:
                 jobs.append(Job(f"window {name} {dt}", functools.partial(window_job, s, layout, dt)))
     if "accumulate" in sections and "bf16" in s.dtypes:

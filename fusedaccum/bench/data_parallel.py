@@ -56,7 +56,7 @@ class Probe(nn.Module):
 def _state_bytes(opt) -> int:
     if isinstance(opt, fa.AdamW):
         return sum(t.numel() * t.element_size() for a in opt.arenas for t in [*a.state.values(), a.steps]
-                   + ([a.master] if a.master is not None else []))
+                   + [t for t in (a.master, a.remainder) if t is not None])
     return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
 
 

@@ -90,10 +90,11 @@ def check_float_dtype(t: torch.Tensor, what: str) -> None:
     expect(t.dtype in DTYPES, f"{what} has dtype {t.dtype}; fusedaccum supports float32, bfloat16 and float16")
 
 
-def check_flat(t: torch.Tensor, what: str, like: torch.Tensor | None = None) -> None:
+def check_flat(t: torch.Tensor, what: str, like: torch.Tensor | None = None, float_dtype: bool = True) -> None:
     expect(t.layout == torch.strided, f"{what} is {t.layout}; fusedaccum needs dense tensors")
     expect(t.dim() == 1 and t.is_contiguous(), f"{what} must be a flat contiguous 1-D tensor (an arena)")
-    check_float_dtype(t, what)
+    if float_dtype:
+        check_float_dtype(t, what)
     if like is not None:
         expect(t.device == like.device, f"{what} is on {t.device} but the arena it goes with is on {like.device}")
         expect(t.numel() == like.numel(),
