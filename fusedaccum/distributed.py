@@ -83,7 +83,9 @@ class DataParallel:
         src = dist.get_global_rank(self.group, 0)
         with torch.no_grad():
             for w in self.windows:
-                for flat in (w.arena.param, w.arena.master, w.arena.remainder):
+                remainder = w.arena.remainder
+                # gloo has no int16: a broadcast copies bits, so the remainder goes as bytes
+                for flat in (w.arena.param, w.arena.master, None if remainder is None else remainder.view(torch.uint8)):
                     if flat is not None:
                         dist.broadcast(flat, src=src, group=self.group)
 

@@ -58,14 +58,17 @@ class Case:
     clip: bool
     dtype: str = "fp32"  # or bf16 (+ master_weights)
     groups: bool = False  # two param groups (biases without weight decay): several arenas, several bucket runs
+    master: bool | str = True  # bf16: master_weights (True: an fp32 master; "remainder": broadcast and stepped too)
 
     @property
     def id(self) -> str:
-        return f"{self.opt}-{'clip' if self.clip else 'noclip'}-{self.dtype}" + ("-2groups" if self.groups else "")
+        return (f"{self.opt}-{'clip' if self.clip else 'noclip'}-{self.dtype}" + ("-2groups" if self.groups else "")
+                + ("-remainder" if self.master == "remainder" else ""))
 
 
 CASES = ([Case(o, c) for o in ("AdamW", "Adam", "SGD", "Lion") for c in (False, True)]
-         + [Case("AdamW", True, "bf16"), Case("AdamW", True, groups=True)])
+         + [Case("AdamW", True, "bf16"), Case("AdamW", True, "bf16", master="remainder"),
+            Case("AdamW", True, groups=True)])
 
 
 class _Net(nn.Module):
@@ -92,7 +95,7 @@ def _opt(lib, case: Case, params):
         kw = dict(lr=1e-2, weight_decay=0.1)
         cls = fa.Lion if lib is fa else PaperLion  # torch has no Lion: the paper's, written in tests/test_lion.py
     if lib is fa and case.dtype == "bf16":
-        kw["master_weights"] = True
+        kw["master_weights"] = case.master
     params = list(params)
     if case.groups:
         params = [{"params": [p for p in params if p.dim() > 1]},
