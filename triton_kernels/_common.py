@@ -92,3 +92,53 @@ def block_and_keep(found_inf_ptr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constex
     else:
         keep = tl.full([BLOCK], 1, tl.int1)
     return pid, offs, keep
+
+
+# master_weights="remainder": a bf16 parameter and an int16 remainder are together the fp32
+# master, bit for bit (csrc/elementwise.h merge_remainder / split_remainder). The step's math
+# runs on the merged fp32 value; the new value is split back into the two halves.
+
+
+@triton.jit
+def merge_remainder(hi, rem):
+    """bf16 hi, int16 rem -> the fp32 with bits (hi << 16) + rem, the remainder sign-extended
+    (a negative one takes back the one that rounding added to the high half)."""
+    u = hi.to(tl.uint16, bitcast=True).to(tl.uint32) << 16  # zero-extended
+    u = u + rem.to(tl.int32).to(tl.uint32, bitcast=True)  # sign-extended, wraps mod 2**32
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def split_remainder(x):
+    """fp32 x -> (bf16 high half rounded half up in magnitude, int16 low 16 bits); a NaN stays
+    a NaN (made quiet: its high half alone, or with the carry, could read as an infinity or -0)."""
+    u = x.to(tl.uint32, bitcast=True)
+    rem = (u & 0xFFFF).to(tl.uint16).to(tl.int16, bitcast=True)
+    hi = tl.where(x != x, (u >> 16) | 0x0040, (u >> 16) + ((u >> 15) & 1))
+    return hi.to(tl.uint16).to(tl.bfloat16, bitcast=True), rem
+
+
+@triton.jit
+def load_weight(param_ptr, copy_ptr, offs, mask, REMAINDER: tl.constexpr):
+    """The fp32 value a step updates: the parameter, or the master that the bf16 parameter and
+    its int16 remainder (at copy_ptr) are together."""
+    if REMAINDER:
+        p = merge_remainder(tl.load(param_ptr + offs, mask=mask, other=0.0),
+                            tl.load(copy_ptr + offs, mask=mask, other=0))
+    else:
+        p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return p
+
+
+@triton.jit
+def store_weight(param_ptr, copy_ptr, offs, p, mask, HAS_COPY: tl.constexpr, REMAINDER: tl.constexpr):
+    """Writes the new fp32 value: to the parameter (and its rounded low-precision copy), or
+    split into the bf16 parameter and its int16 remainder."""
+    if REMAINDER:
+        hi, rem = split_remainder(p)
+        tl.store(param_ptr + offs, hi, mask=mask)
+        tl.store(copy_ptr + offs, rem, mask=mask)
+    else:
+        tl.store(param_ptr + offs, round_to(p, param_ptr.dtype.element_ty), mask=mask)
+        if HAS_COPY:
+            tl.store(copy_ptr + offs, round_to(p, copy_ptr.dtype.element_ty), mask=mask)

@@ -12,12 +12,14 @@ run under the interpreter; this form runs on both). It is within ~1e-13 relative
 steps up to 1e6, far below fp32 rounding: the fp32 step_size and sqrt(1 - beta2**step) came
 out identical to pow's for all ~72k (beta, step) pairs tried. lr and log(beta) reach the
 kernel as fp64 bits (Triton passes Python floats as fp32). When found_inf != 0 every load and store is masked off: nothing is
-read or written.
+read or written. With an int16 param_copy (master_weights="remainder") the value updated is the
+fp32 master that the bf16 param and its remainder are together (_common.load_weight / store_weight).
 """
 from __future__ import annotations
 
 import math
 
+import torch
 import triton
 import triton.language as tl
 
@@ -27,7 +29,9 @@ from fusedaccum.triton_kernels._common import (
     device_guard,
     f64_bits,
     from_bits,
+    load_weight,
     round_to,
+    store_weight,
 )
 
 BLOCK = 1024  # elements per program: 4 per thread at 8 warps (see NUM_WARPS)
@@ -41,10 +45,10 @@ NUM_WARPS = 8
 def _adam_update(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, copy_ptr,
                  offs, mask, factor, step_size, bias_correction2_sqrt,
                  beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay_factor,
-                 AMSGRAD: tl.constexpr, HAS_COPY: tl.constexpr,
+                 AMSGRAD: tl.constexpr, HAS_COPY: tl.constexpr, REMAINDER: tl.constexpr,
                  WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr):
     # csrc/elementwise.h adam_element, operation by operation.
-    p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = load_weight(param_ptr, copy_ptr, offs, mask, REMAINDER)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * factor
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -72,9 +76,7 @@ def _adam_update(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
     tl.store(exp_avg_sq_ptr + offs, round_to(v, exp_avg_sq_ptr.dtype.element_ty), mask=mask)
     if AMSGRAD:
         tl.store(max_exp_avg_sq_ptr + offs, round_to(vmax, max_exp_avg_sq_ptr.dtype.element_ty), mask=mask)
-    tl.store(param_ptr + offs, round_to(p, param_ptr.dtype.element_ty), mask=mask)
-    if HAS_COPY:
-        tl.store(copy_ptr + offs, round_to(p, copy_ptr.dtype.element_ty), mask=mask)
+    store_weight(param_ptr, copy_ptr, offs, p, mask, HAS_COPY, REMAINDER)
 
 
 # The fp64 bits are arbitrary integers: no divisibility specialization (it would only
@@ -84,7 +86,7 @@ def _adam_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
                  step_ptr, factor_ptr, found_inf_ptr, n,
                  beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay_factor,
                  lr_bits, log_beta1_bits, log_beta2_bits,
-                 AMSGRAD: tl.constexpr, HAS_COPY: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                 AMSGRAD: tl.constexpr, HAS_COPY: tl.constexpr, REMAINDER: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                  WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
                  BLOCK: tl.constexpr):
     pid, offs, keep = block_and_keep(found_inf_ptr, HAS_FOUND_INF, BLOCK)
@@ -103,12 +105,12 @@ def _adam_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
         _adam_update(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, copy_ptr,
                      offs, keep, factor, step_size, bias_correction2_sqrt,
                      beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay_factor,
-                     AMSGRAD, HAS_COPY, WEIGHT_DECAY, DECOUPLED, MAXIMIZE)
+                     AMSGRAD, HAS_COPY, REMAINDER, WEIGHT_DECAY, DECOUPLED, MAXIMIZE)
     else:
         _adam_update(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, copy_ptr,
                      offs, keep & (offs < n), factor, step_size, bias_correction2_sqrt,
                      beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay_factor,
-                     AMSGRAD, HAS_COPY, WEIGHT_DECAY, DECOUPLED, MAXIMIZE)
+                     AMSGRAD, HAS_COPY, REMAINDER, WEIGHT_DECAY, DECOUPLED, MAXIMIZE)
 
 
 def _log(beta: float) -> float:
@@ -132,6 +134,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, step
             float(beta2), 1.0 - beta1, 1.0 - beta2, float(eps), float(weight_decay), 1.0 - lr * weight_decay,
             f64_bits(lr), f64_bits(_log(beta1)), f64_bits(_log(beta2)),
             AMSGRAD=max_exp_avg_sq is not None, HAS_COPY=param_copy is not None,
+            REMAINDER=param_copy is not None and param_copy.dtype == torch.int16,
             HAS_FOUND_INF=found_inf is not None, WEIGHT_DECAY=weight_decay != 0,
             DECOUPLED=bool(decoupled_weight_decay), MAXIMIZE=bool(maximize),
             BLOCK=BLOCK, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,

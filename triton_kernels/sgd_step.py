@@ -4,14 +4,24 @@ The per-element math follows csrc/elementwise.h (sgd_element) operation by opera
 and without fma contraction. step, factor and found_inf stay on the device and are read inside
 the kernel: no host sync. The first step (step <= 1, the count includes this step) starts the
 momentum buffer as a copy of the gradient. When found_inf != 0 every load and store is masked
-off: nothing is read or written.
+off: nothing is read or written. With an int16 param_copy the bf16 param and its remainder are
+the fp32 master updated (see adam_step.py).
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from fusedaccum.triton_kernels._common import LAUNCH_OPTIONS, block_and_keep, device_guard, round_to, splat
+from fusedaccum.triton_kernels._common import (
+    LAUNCH_OPTIONS,
+    block_and_keep,
+    device_guard,
+    load_weight,
+    round_to,
+    splat,
+    store_weight,
+)
 
 BLOCK = 1024  # elements per program: 4 per thread at 8 warps (see adam_step.py for why 4)
 NUM_WARPS = 8
@@ -21,9 +31,9 @@ NUM_WARPS = 8
 def _sgd_update(param_ptr, grad_ptr, buf_ptr, copy_ptr, offs, mask, first_step, factor,
                 lr, momentum, one_minus_dampening, weight_decay,
                 MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, HAS_COPY: tl.constexpr,
-                WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr):
+                REMAINDER: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr):
     # csrc/elementwise.h sgd_element, operation by operation.
-    p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = load_weight(param_ptr, copy_ptr, offs, mask, REMAINDER)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * factor
     if MAXIMIZE:
         g = -g
@@ -39,16 +49,14 @@ def _sgd_update(param_ptr, grad_ptr, buf_ptr, copy_ptr, offs, mask, first_step, 
             g = buf
     p = p - lr * g
 
-    tl.store(param_ptr + offs, round_to(p, param_ptr.dtype.element_ty), mask=mask)
-    if HAS_COPY:
-        tl.store(copy_ptr + offs, round_to(p, copy_ptr.dtype.element_ty), mask=mask)
+    store_weight(param_ptr, copy_ptr, offs, p, mask, HAS_COPY, REMAINDER)
 
 
 @triton.jit
 def _sgd_kernel(param_ptr, grad_ptr, buf_ptr, copy_ptr, step_ptr, factor_ptr, found_inf_ptr, n,
                 lr, momentum, one_minus_dampening, weight_decay,
                 MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, HAS_COPY: tl.constexpr,
-                HAS_FOUND_INF: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
+                REMAINDER: tl.constexpr, HAS_FOUND_INF: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
                 BLOCK: tl.constexpr):
     pid, offs, keep = block_and_keep(found_inf_ptr, HAS_FOUND_INF, BLOCK)
     first_step = splat(step_ptr, BLOCK) <= 1.0  # the count includes this step
@@ -58,11 +66,11 @@ def _sgd_kernel(param_ptr, grad_ptr, buf_ptr, copy_ptr, step_ptr, factor_ptr, fo
     if pid * BLOCK + BLOCK <= n:
         _sgd_update(param_ptr, grad_ptr, buf_ptr, copy_ptr, offs, keep, first_step, factor,
                     lr, momentum, one_minus_dampening, weight_decay,
-                    MOMENTUM, NESTEROV, HAS_COPY, WEIGHT_DECAY, MAXIMIZE)
+                    MOMENTUM, NESTEROV, HAS_COPY, REMAINDER, WEIGHT_DECAY, MAXIMIZE)
     else:
         _sgd_update(param_ptr, grad_ptr, buf_ptr, copy_ptr, offs, keep & (offs < n), first_step, factor,
                     lr, momentum, one_minus_dampening, weight_decay,
-                    MOMENTUM, NESTEROV, HAS_COPY, WEIGHT_DECAY, MAXIMIZE)
+                    MOMENTUM, NESTEROV, HAS_COPY, REMAINDER, WEIGHT_DECAY, MAXIMIZE)
 
 
 def sgd_step(param, grad, momentum_buffer, param_copy, step, factor, found_inf,
@@ -80,6 +88,7 @@ def sgd_step(param, grad, momentum_buffer, param_copy, step, factor, found_inf,
             # fp32 constants rounded from double on the host, as sgd_constants does
             float(lr), float(momentum), 1.0 - dampening, float(weight_decay),
             MOMENTUM=use_momentum, NESTEROV=bool(nesterov), HAS_COPY=param_copy is not None,
+            REMAINDER=param_copy is not None and param_copy.dtype == torch.int16,
             HAS_FOUND_INF=found_inf is not None, WEIGHT_DECAY=weight_decay != 0,
             MAXIMIZE=bool(maximize), BLOCK=BLOCK, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )
