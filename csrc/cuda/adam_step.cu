@@ -1,6 +1,7 @@
 // fusedaccum_C::adam_step on CUDA: one pass over a flat arena updating the parameter (or its
-// fp32 master and the low-precision copy), exp_avg, exp_avg_sq and, for amsgrad,
-// max_exp_avg_sq. Adam and AdamW differ only in decoupled_weight_decay.
+// fp32 master and the low-precision copy, or a bf16 parameter and the int16 remainder that
+// make the fp32 master together), exp_avg, exp_avg_sq and, for amsgrad, max_exp_avg_sq.
+// Adam and AdamW differ only in decoupled_weight_decay.
 //
 // step, factor and found_inf are read by the kernel itself, so an optimizer step never waits
 // on the host (and the step count can live on the device). Every thread derives the step
@@ -27,32 +28,31 @@ struct AdamArgs {
   bool decoupled, maximize, amsgrad;
 };
 
-template <typename P, typename G, typename C>
+// S is the state's type: P's, or float with a remainder (C = Remainder, P = bf16).
+template <typename P, typename S, typename G, typename C>
 __global__ void __launch_bounds__(kBlockThreads, kBlocksPerSM)
-adam_kernel(P* param, const G* grad, P* exp_avg, P* exp_avg_sq, P* max_exp_avg_sq, C* param_copy,
+adam_kernel(P* param, const G* grad, S* exp_avg, S* exp_avg_sq, S* max_exp_avg_sq, copy_t<C>* param_copy,
             int64_t n, int64_t head, const float* step, const float* factor, const float* found_inf,
             AdamArgs a) {
-  constexpr bool kCopy = !std::is_same_v<C, NoCopy>;
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // skipped step: write nothing
   const AdamConstants c = adam_constants(*step, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay,
                                          a.decoupled, a.maximize, a.amsgrad);
   const float f = *factor;
 
   auto scalar = [&](int64_t i) {
-    float p = static_cast<float>(param[i]);
+    float p = load_weight<C>(param, param_copy, i);
     float m = static_cast<float>(exp_avg[i]);
     float v = static_cast<float>(exp_avg_sq[i]);
     float vmax = c.amsgrad ? static_cast<float>(max_exp_avg_sq[i]) : 0.0f;
     adam_element(p, static_cast<float>(grad[i]), m, v, vmax, f, c);
-    param[i] = static_cast<P>(p);
-    exp_avg[i] = static_cast<P>(m);
-    exp_avg_sq[i] = static_cast<P>(v);
-    if (c.amsgrad) max_exp_avg_sq[i] = static_cast<P>(vmax);
-    if constexpr (kCopy) param_copy[i] = static_cast<C>(p);
+    store_weight<C>(param, param_copy, i, p);
+    exp_avg[i] = static_cast<S>(m);
+    exp_avg_sq[i] = static_cast<S>(v);
+    if (c.amsgrad) max_exp_avg_sq[i] = static_cast<S>(vmax);
   };
   auto vec = [&](int64_t i) {
     float p[kVec], g[kVec], m[kVec], v[kVec], vmax[kVec];
-    load_vec(param + i, p);
+    load_weights<C>(param, param_copy, i, p);
     load_vec_ro(grad + i, g);
     load_vec(exp_avg + i, m);
     load_vec(exp_avg_sq + i, v);
@@ -64,11 +64,10 @@ adam_kernel(P* param, const G* grad, P* exp_avg, P* exp_avg_sq, P* max_exp_avg_s
     }
 #pragma unroll
     for (int j = 0; j < kVec; ++j) adam_element(p[j], g[j], m[j], v[j], vmax[j], f, c);
-    store_vec(param + i, p);
+    store_weights<C>(param, param_copy, i, p);
     store_vec(exp_avg + i, m);
     store_vec(exp_avg_sq + i, v);
     if (c.amsgrad) store_vec(max_exp_avg_sq + i, vmax);
-    if constexpr (kCopy) store_vec(param_copy + i, p);
   };
   split_loop<kVec>(n, head, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
                    static_cast<int64_t>(gridDim.x) * blockDim.x, vec, scalar);
@@ -86,16 +85,16 @@ T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
-template <typename P, typename G, typename C>
+template <typename P, typename S, typename G, typename C>
 void launch(const AdamTensors& t, const AdamArgs& a) {
   const int64_t n = t.param.numel();
   P* p = t.param.data_ptr<P>();
   const G* g = t.grad.data_ptr<G>();
-  P* m = t.exp_avg.data_ptr<P>();
-  P* v = t.exp_avg_sq.data_ptr<P>();
-  P* vmax = ptr_or_null<P>(t.max_exp_avg_sq);
-  C* copy = nullptr;
-  if constexpr (!std::is_same_v<C, NoCopy>) copy = t.param_copy->data_ptr<C>();
+  S* m = t.exp_avg.data_ptr<S>();
+  S* v = t.exp_avg_sq.data_ptr<S>();
+  S* vmax = ptr_or_null<S>(t.max_exp_avg_sq);
+  copy_t<C>* copy = nullptr;
+  if constexpr (!std::is_same_v<C, NoCopy>) copy = t.param_copy->data_ptr<copy_t<C>>();
   // Vectorize from where the parameter is 16-byte aligned if every other arena is aligned
   // there too; arena views at odd offsets fall back to scalar accesses throughout.
   int64_t head = align_head(p, n);
@@ -103,22 +102,25 @@ void launch(const AdamTensors& t, const AdamArgs& a) {
                         (vmax == nullptr || aligned16(vmax + head)) && (copy == nullptr || aligned16(copy + head));
   if (!together) head = n;
   const int grid = grid_size((n + kVec - 1) / kVec, t.param.get_device());
-  adam_kernel<P, G, C><<<grid, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  adam_kernel<P, S, G, C><<<grid, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       p, g, m, v, vmax, copy, n, head, t.step.data_ptr<float>(), t.factor.data_ptr<float>(),
       ptr_or_null<float>(t.found_inf), a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Only an fp32 master has a copy, so only float params instantiate the copy types.
+// Only an fp32 master has a bf16/fp16 copy and only a bf16 parameter a remainder, so only
+// those params instantiate the copy types.
 template <typename P, typename G>
 void launch_with_copy(const AdamTensors& t, const AdamArgs& a) {
-  if constexpr (std::is_same_v<P, float>) {
-    if (t.param_copy.has_value()) {
-      if (t.param_copy->scalar_type() == at::kBFloat16) return launch<P, G, c10::BFloat16>(t, a);
-      return launch<P, G, c10::Half>(t, a);  // the only other type the host check lets through
+  if (t.param_copy.has_value()) {
+    if constexpr (std::is_same_v<P, float>) {
+      if (t.param_copy->scalar_type() == at::kBFloat16) return launch<P, P, G, c10::BFloat16>(t, a);
+      return launch<P, P, G, c10::Half>(t, a);  // the only other type the host check lets through
+    } else if constexpr (std::is_same_v<P, c10::BFloat16>) {
+      return launch<P, float, G, Remainder>(t, a);  // int16: the only copy the host check lets bf16 have
     }
   }
-  launch<P, G, NoCopy>(t, a);
+  launch<P, P, G, NoCopy>(t, a);
 }
 
 void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,

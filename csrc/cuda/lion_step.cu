@@ -1,6 +1,8 @@
 // fusedaccum_C::lion_step on CUDA: one pass over a flat arena for Lion (decoupled weight decay,
 // maximize), writing the fp32 master's low-precision copy in the same pass when there is one.
-// Nothing is written when found_inf is set. factor and found_inf are read on the device.
+// An int16 param_copy is instead the remainder that with the bf16 parameter makes the fp32
+// master (fp32 exp_avg). Nothing is written when found_inf is set. factor and found_inf are
+// read on the device.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,32 +20,30 @@ namespace {
 
 constexpr int kVec = 8;  // elements per vector step: one 16-byte access for bf16/half, two for fp32
 
-template <typename P, typename G, typename C>
+// S is exp_avg's type: P's, or float with a remainder (C = Remainder, P = bf16).
+template <typename P, typename S, typename G, typename C>
 __global__ void __launch_bounds__(kBlockThreads, kBlocksPerSM)
-lion_kernel(P* param, const G* grad, P* exp_avg, C* param_copy, int64_t n, int64_t head, const float* factor,
+lion_kernel(P* param, const G* grad, S* exp_avg, copy_t<C>* param_copy, int64_t n, int64_t head, const float* factor,
             const float* found_inf, LionConstants c) {
-  constexpr bool kCopy = !std::is_same_v<C, NoCopy>;
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // skipped step: write nothing
   const float f = *factor;
 
   auto scalar = [&](int64_t i) {
-    float p = static_cast<float>(param[i]);
+    float p = load_weight<C>(param, param_copy, i);
     float m = static_cast<float>(exp_avg[i]);
     lion_element(p, static_cast<float>(grad[i]), m, f, c);
-    param[i] = static_cast<P>(p);
-    exp_avg[i] = static_cast<P>(m);
-    if constexpr (kCopy) param_copy[i] = static_cast<C>(p);
+    store_weight<C>(param, param_copy, i, p);
+    exp_avg[i] = static_cast<S>(m);
   };
   auto vec = [&](int64_t i) {
     float p[kVec], g[kVec], m[kVec];
-    load_vec(param + i, p);
+    load_weights<C>(param, param_copy, i, p);
     load_vec_ro(grad + i, g);
     load_vec(exp_avg + i, m);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) lion_element(p[j], g[j], m[j], f, c);
-    store_vec(param + i, p);
+    store_weights<C>(param, param_copy, i, p);
     store_vec(exp_avg + i, m);
-    if constexpr (kCopy) store_vec(param_copy + i, p);
   };
   split_loop<kVec>(n, head, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
                    static_cast<int64_t>(gridDim.x) * blockDim.x, vec, scalar);
@@ -56,14 +56,14 @@ struct LionTensors {
   std::optional<at::Tensor> found_inf;
 };
 
-template <typename P, typename G, typename C>
+template <typename P, typename S, typename G, typename C>
 void launch(const LionTensors& t, const LionConstants& c) {
   const int64_t n = t.param.numel();
   P* p = t.param.data_ptr<P>();
   const G* g = t.grad.data_ptr<G>();
-  P* m = t.exp_avg.data_ptr<P>();
-  C* copy = nullptr;
-  if constexpr (!std::is_same_v<C, NoCopy>) copy = t.param_copy->data_ptr<C>();
+  S* m = t.exp_avg.data_ptr<S>();
+  copy_t<C>* copy = nullptr;
+  if constexpr (!std::is_same_v<C, NoCopy>) copy = t.param_copy->data_ptr<copy_t<C>>();
   // Vectorize from where the parameter is 16-byte aligned if every other arena is aligned
   // there too; arena views at odd offsets fall back to scalar accesses throughout.
   int64_t head = align_head(p, n);
@@ -71,21 +71,24 @@ void launch(const LionTensors& t, const LionConstants& c) {
   if (!together) head = n;
   const int grid = grid_size((n + kVec - 1) / kVec, t.param.get_device());
   const float* found_inf = t.found_inf.has_value() ? t.found_inf->data_ptr<float>() : nullptr;
-  lion_kernel<P, G, C><<<grid, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  lion_kernel<P, S, G, C><<<grid, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       p, g, m, copy, n, head, t.factor.data_ptr<float>(), found_inf, c);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Only an fp32 master has a copy, so only float params instantiate the copy types.
+// Only an fp32 master has a bf16/fp16 copy and only a bf16 parameter a remainder, so only
+// those params instantiate the copy types.
 template <typename P, typename G>
 void launch_with_copy(const LionTensors& t, const LionConstants& c) {
-  if constexpr (std::is_same_v<P, float>) {
-    if (t.param_copy.has_value()) {
-      if (t.param_copy->scalar_type() == at::kBFloat16) return launch<P, G, c10::BFloat16>(t, c);
-      return launch<P, G, c10::Half>(t, c);  // the only other type the host check lets through
+  if (t.param_copy.has_value()) {
+    if constexpr (std::is_same_v<P, float>) {
+      if (t.param_copy->scalar_type() == at::kBFloat16) return launch<P, P, G, c10::BFloat16>(t, c);
+      return launch<P, P, G, c10::Half>(t, c);  // the only other type the host check lets through
+    } else if constexpr (std::is_same_v<P, c10::BFloat16>) {
+      return launch<P, float, G, Remainder>(t, c);  // int16: the only copy the host check lets bf16 have
     }
   }
-  launch<P, G, NoCopy>(t, c);
+  launch<P, P, G, NoCopy>(t, c);
 }
 
 void lion_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,

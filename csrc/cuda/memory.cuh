@@ -1,5 +1,6 @@
 // Shared pieces of the CUDA kernels: 16-byte loads and stores of float/bf16/half converted
-// to and from float, the head/body/tail split that keeps those accesses aligned, grid sizing
+// to and from float (and of a bf16 parameter with its int16 remainder as the fp32 master,
+// master_weights="remainder"), the head/body/tail split that keeps those accesses aligned, grid sizing
 // from the SM count, and a deterministic block sum in double.
 //
 // The kernels are memory-bound: what matters is wide coalesced accesses, enough bytes in
@@ -15,6 +16,9 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
+
+#include "../elementwise.h"
 
 namespace fusedaccum {
 
@@ -46,6 +50,23 @@ inline int grid_size(int64_t items, int device) {
 // The param_copy type of an optimizer kernel that writes no copy (if constexpr drops the
 // stores), so that only fp32 masters instantiate kernels with a copy.
 struct NoCopy {};
+
+// The param_copy type of master_weights="remainder": param_copy is then the int16 remainder of
+// a bf16 parameter, the two together the fp32 master bit for bit, and the state is fp32.
+// Only bf16 params instantiate it.
+struct Remainder {};
+
+// What param_copy points at for copy type C: the int16 remainder for Remainder, else a C.
+template <typename C>
+struct CopyStorage {
+  using type = C;
+};
+template <>
+struct CopyStorage<Remainder> {
+  using type = int16_t;
+};
+template <typename C>
+using copy_t = typename CopyStorage<C>::type;
 
 template <typename T>
 C10_HOST_DEVICE inline bool aligned16(const T* p) {
@@ -127,6 +148,91 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[N]) {
     const uint4 u = make_uint4(pack_word<T>(in + (4 * a + 0) * kPerWord), pack_word<T>(in + (4 * a + 1) * kPerWord),
                                pack_word<T>(in + (4 * a + 2) * kPerWord), pack_word<T>(in + (4 * a + 3) * kPerWord));
     __stwb(reinterpret_cast<uint4*>(p) + a, u);
+  }
+}
+
+// N elements of a bf16 parameter and its int16 remainder (both 16-byte aligned) as the fp32
+// master and back: one 16-byte access of each per 8 elements, with the cache hints of
+// load_vec and store_vec. The raw bits are merged and split, never converted.
+template <int N>
+__device__ __forceinline__ void load_master_vec(const c10::BFloat16* hi, const int16_t* rem, float (&out)[N]) {
+  static_assert(N % 8 == 0, "a vector is a whole number of 16-byte accesses");
+#pragma unroll
+  for (int a = 0; a < N / 8; ++a) {
+    const uint4 h = __ldcg(reinterpret_cast<const uint4*>(hi) + a);
+    const uint4 r = __ldcg(reinterpret_cast<const uint4*>(rem) + a);
+    const uint32_t hw[4] = {h.x, h.y, h.z, h.w};
+    const uint32_t rw[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      out[8 * a + 2 * k] = merge_remainder(static_cast<uint16_t>(hw[k] & 0xffffu), static_cast<int16_t>(rw[k] & 0xffffu));
+      out[8 * a + 2 * k + 1] = merge_remainder(static_cast<uint16_t>(hw[k] >> 16), static_cast<int16_t>(rw[k] >> 16));
+    }
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void store_master_vec(c10::BFloat16* hi, int16_t* rem, const float (&in)[N]) {
+  static_assert(N % 8 == 0, "a vector is a whole number of 16-byte accesses");
+#pragma unroll
+  for (int a = 0; a < N / 8; ++a) {
+    uint32_t hw[4], rw[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      uint16_t h0, h1;
+      int16_t r0, r1;
+      split_remainder(in[8 * a + 2 * k], h0, r0);
+      split_remainder(in[8 * a + 2 * k + 1], h1, r1);
+      hw[k] = static_cast<uint32_t>(h0) | (static_cast<uint32_t>(h1) << 16);
+      rw[k] = static_cast<uint32_t>(static_cast<uint16_t>(r0)) | (static_cast<uint32_t>(static_cast<uint16_t>(r1)) << 16);
+    }
+    __stwb(reinterpret_cast<uint4*>(hi) + a, make_uint4(hw[0], hw[1], hw[2], hw[3]));
+    __stwb(reinterpret_cast<uint4*>(rem) + a, make_uint4(rw[0], rw[1], rw[2], rw[3]));
+  }
+}
+
+// The parameter as the optimizer math sees it, in fp32, and back: element i, or the N elements
+// from i (16-byte aligned). C says what param_copy is: nothing, the rounded copy of an fp32
+// master (written by the stores only), or the remainder that with param is the fp32 master.
+template <typename C, typename P>
+__device__ __forceinline__ float load_weight(const P* param, const copy_t<C>* copy, int64_t i) {
+  if constexpr (std::is_same_v<C, Remainder>) {
+    return merge_remainder(param[i].x, copy[i]);
+  } else {
+    return static_cast<float>(param[i]);
+  }
+}
+
+template <typename C, typename P>
+__device__ __forceinline__ void store_weight(P* param, copy_t<C>* copy, int64_t i, float p) {
+  if constexpr (std::is_same_v<C, Remainder>) {
+    uint16_t hi;
+    int16_t rem;
+    split_remainder(p, hi, rem);
+    param[i] = c10::BFloat16(hi, c10::BFloat16::from_bits());
+    copy[i] = rem;
+  } else {
+    param[i] = static_cast<P>(p);
+    if constexpr (!std::is_same_v<C, NoCopy>) copy[i] = static_cast<C>(p);
+  }
+}
+
+template <typename C, int N, typename P>
+__device__ __forceinline__ void load_weights(const P* param, const copy_t<C>* copy, int64_t i, float (&out)[N]) {
+  if constexpr (std::is_same_v<C, Remainder>) {
+    load_master_vec(param + i, copy + i, out);
+  } else {
+    load_vec(param + i, out);
+  }
+}
+
+template <typename C, int N, typename P>
+__device__ __forceinline__ void store_weights(P* param, copy_t<C>* copy, int64_t i, const float (&in)[N]) {
+  if constexpr (std::is_same_v<C, Remainder>) {
+    store_master_vec(param + i, copy + i, in);
+  } else {
+    store_vec(param + i, in);
+    if constexpr (!std::is_same_v<C, NoCopy>) store_vec(copy + i, in);
   }
 }
 

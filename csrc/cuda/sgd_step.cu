@@ -1,6 +1,8 @@
 // fusedaccum_C::sgd_step on CUDA: one pass over a flat arena for SGD with momentum,
 // dampening, nesterov, weight decay and maximize, writing the fp32 master's low-precision
-// copy in the same pass when there is one. Nothing is written when found_inf is set.
+// copy in the same pass when there is one. An int16 param_copy is instead the remainder that
+// with the bf16 parameter makes the fp32 master (fp32 buffer). Nothing is written when
+// found_inf is set.
 //
 // As in adam_step.cu, step, factor and found_inf are read on the device: whether the
 // momentum buffer starts as a copy of the gradient is decided there, from the step count.
@@ -26,11 +28,11 @@ struct SgdArgs {
   bool nesterov, maximize;
 };
 
-template <typename P, typename G, typename C>
+// S is the buffer's type: P's, or float with a remainder (C = Remainder, P = bf16).
+template <typename P, typename S, typename G, typename C>
 __global__ void __launch_bounds__(kBlockThreads, kBlocksPerSM)
-sgd_kernel(P* param, const G* grad, P* momentum_buffer, C* param_copy, int64_t n, int64_t head,
+sgd_kernel(P* param, const G* grad, S* momentum_buffer, copy_t<C>* param_copy, int64_t n, int64_t head,
            const float* step, const float* factor, const float* found_inf, SgdArgs a) {
-  constexpr bool kCopy = !std::is_same_v<C, NoCopy>;
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // skipped step: write nothing
   const SgdConstants c = sgd_constants(*step, a.lr, a.momentum, a.dampening, a.weight_decay,
                                        a.nesterov, a.maximize);
@@ -38,16 +40,15 @@ sgd_kernel(P* param, const G* grad, P* momentum_buffer, C* param_copy, int64_t n
   const bool has_buf = c.momentum != 0.0f;  // the buffer is touched only with momentum, as on CPU
 
   auto scalar = [&](int64_t i) {
-    float p = static_cast<float>(param[i]);
+    float p = load_weight<C>(param, param_copy, i);
     float buf = has_buf ? static_cast<float>(momentum_buffer[i]) : 0.0f;
     sgd_element(p, static_cast<float>(grad[i]), buf, f, c);
-    param[i] = static_cast<P>(p);
-    if (has_buf) momentum_buffer[i] = static_cast<P>(buf);
-    if constexpr (kCopy) param_copy[i] = static_cast<C>(p);
+    store_weight<C>(param, param_copy, i, p);
+    if (has_buf) momentum_buffer[i] = static_cast<S>(buf);
   };
   auto vec = [&](int64_t i) {
     float p[kVec], g[kVec], buf[kVec];
-    load_vec(param + i, p);
+    load_weights<C>(param, param_copy, i, p);
     load_vec_ro(grad + i, g);
     if (has_buf) {
       load_vec(momentum_buffer + i, buf);
@@ -57,9 +58,8 @@ sgd_kernel(P* param, const G* grad, P* momentum_buffer, C* param_copy, int64_t n
     }
 #pragma unroll
     for (int j = 0; j < kVec; ++j) sgd_element(p[j], g[j], buf[j], f, c);
-    store_vec(param + i, p);
+    store_weights<C>(param, param_copy, i, p);
     if (has_buf) store_vec(momentum_buffer + i, buf);
-    if constexpr (kCopy) store_vec(param_copy + i, p);
   };
   split_loop<kVec>(n, head, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
                    static_cast<int64_t>(gridDim.x) * blockDim.x, vec, scalar);
@@ -72,15 +72,15 @@ struct SgdTensors {
   std::optional<at::Tensor> found_inf;
 };
 
-template <typename P, typename G, typename C>
+template <typename P, typename S, typename G, typename C>
 void launch(const SgdTensors& t, const SgdArgs& a) {
   const int64_t n = t.param.numel();
   P* p = t.param.data_ptr<P>();
   const G* g = t.grad.data_ptr<G>();
   // An unused buffer stays out of the kernel, so it cannot spoil the alignment either.
-  P* buf = a.momentum != 0.0 ? t.momentum_buffer->data_ptr<P>() : nullptr;
-  C* copy = nullptr;
-  if constexpr (!std::is_same_v<C, NoCopy>) copy = t.param_copy->data_ptr<C>();
+  S* buf = a.momentum != 0.0 ? t.momentum_buffer->data_ptr<S>() : nullptr;
+  copy_t<C>* copy = nullptr;
+  if constexpr (!std::is_same_v<C, NoCopy>) copy = t.param_copy->data_ptr<copy_t<C>>();
   // Vectorize from where the parameter is 16-byte aligned if every other arena is aligned
   // there too; arena views at odd offsets fall back to scalar accesses throughout.
   int64_t head = align_head(p, n);
@@ -89,21 +89,24 @@ void launch(const SgdTensors& t, const SgdArgs& a) {
   if (!together) head = n;
   const int grid = grid_size((n + kVec - 1) / kVec, t.param.get_device());
   const float* found_inf = t.found_inf.has_value() ? t.found_inf->data_ptr<float>() : nullptr;
-  sgd_kernel<P, G, C><<<grid, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  sgd_kernel<P, S, G, C><<<grid, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       p, g, buf, copy, n, head, t.step.data_ptr<float>(), t.factor.data_ptr<float>(), found_inf, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Only an fp32 master has a copy, so only float params instantiate the copy types.
+// Only an fp32 master has a bf16/fp16 copy and only a bf16 parameter a remainder, so only
+// those params instantiate the copy types.
 template <typename P, typename G>
 void launch_with_copy(const SgdTensors& t, const SgdArgs& a) {
-  if constexpr (std::is_same_v<P, float>) {
-    if (t.param_copy.has_value()) {
-      if (t.param_copy->scalar_type() == at::kBFloat16) return launch<P, G, c10::BFloat16>(t, a);
-      return launch<P, G, c10::Half>(t, a);  // the only other type the host check lets through
+  if (t.param_copy.has_value()) {
+    if constexpr (std::is_same_v<P, float>) {
+      if (t.param_copy->scalar_type() == at::kBFloat16) return launch<P, P, G, c10::BFloat16>(t, a);
+      return launch<P, P, G, c10::Half>(t, a);  // the only other type the host check lets through
+    } else if constexpr (std::is_same_v<P, c10::BFloat16>) {
+      return launch<P, float, G, Remainder>(t, a);  // int16: the only copy the host check lets bf16 have
     }
   }
-  launch<P, G, NoCopy>(t, a);
+  launch<P, P, G, NoCopy>(t, a);
 }
 
 void sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad,
