@@ -48,7 +48,8 @@ inline int grid_size(int64_t items, int device) {
 }
 
 // The param_copy type of an optimizer kernel that writes no copy (if constexpr drops the
-// stores), so that only fp32 masters instantiate kernels with a copy.
+// stores), so that only fp32 masters instantiate kernels with a copy (and bf16 parameters
+// one with a Remainder, below).
 struct NoCopy {};
 
 // The param_copy type of master_weights="remainder": param_copy is then the int16 remainder of

@@ -3,7 +3,8 @@
 Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms") on the accumulated
 gradient times `factor`: c = beta1 * m + (1 - beta1) * g; p = p * (1 - lr * wd) - lr * sign(c);
 m = beta2 * m + (1 - beta2) * g, with sign(0) = 0. Writes the bf16/fp16 `param_copy` of an fp32
-master in the same pass. If `found_inf` is nonzero nothing is written.
+master in the same pass (an int16 `param_copy` is the remainder that makes a bf16 parameter the
+fp32 master). If `found_inf` is nonzero nothing is written.
 
 Kernels: reference.lion_step, csrc/cpu/lion_step.cpp, csrc/cuda/lion_step.cu,
 triton_kernels/lion_step.py.

@@ -3,7 +3,8 @@
 torch.optim.SGD semantics (momentum, dampening, nesterov, weight decay, maximize) on the
 accumulated gradient times `factor`; the momentum buffer starts as a copy of the first
 gradient, decided on the device from `step` (which already counts this step). Writes the
-bf16/fp16 `param_copy` of an fp32 master in the same pass. If `found_inf` is nonzero nothing
+bf16/fp16 `param_copy` of an fp32 master in the same pass (an int16 `param_copy` is the remainder
+that makes a bf16 parameter the fp32 master: master_weights="remainder"). If `found_inf` is nonzero nothing
 is written.
 
 Kernels: reference.sgd_step, csrc/cpu/sgd_step.cpp, csrc/cuda/sgd_step.cu,
