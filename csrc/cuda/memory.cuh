@@ -14,8 +14,11 @@
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
+#include <ATen/core/Tensor.h>
+
 #include <atomic>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 
 #include "../elementwise.h"
@@ -68,6 +71,23 @@ struct CopyStorage<Remainder> {
 };
 template <typename C>
 using copy_t = typename CopyStorage<C>::type;
+
+// Calls f.template operator()<S, C>() with the state type S and the copy kind C of an optimizer
+// kernel for a parameter of type P and its param_copy: only an fp32 master has a bf16/fp16
+// copy and only a bf16 parameter a remainder (check_step_tensors refuses the rest), so only
+// those instantiate kernels with one.
+template <typename P, typename F>
+inline void dispatch_weights(const std::optional<at::Tensor>& param_copy, F&& f) {
+  if (param_copy.has_value()) {
+    if constexpr (std::is_same_v<P, float>) {
+      if (param_copy->scalar_type() == at::kBFloat16) return f.template operator()<P, c10::BFloat16>();
+      return f.template operator()<P, c10::Half>();
+    } else if constexpr (std::is_same_v<P, c10::BFloat16>) {
+      return f.template operator()<float, Remainder>();
+    }
+  }
+  f.template operator()<P, NoCopy>();
+}
 
 template <typename T>
 C10_HOST_DEVICE inline bool aligned16(const T* p) {

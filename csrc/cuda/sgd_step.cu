@@ -94,21 +94,6 @@ void launch(const SgdTensors& t, const SgdArgs& a) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Only an fp32 master has a bf16/fp16 copy and only a bf16 parameter a remainder, so only
-// those params instantiate the copy types.
-template <typename P, typename G>
-void launch_with_copy(const SgdTensors& t, const SgdArgs& a) {
-  if (t.param_copy.has_value()) {
-    if constexpr (std::is_same_v<P, float>) {
-      if (t.param_copy->scalar_type() == at::kBFloat16) return launch<P, P, G, c10::BFloat16>(t, a);
-      return launch<P, P, G, c10::Half>(t, a);  // the only other type the host check lets through
-    } else if constexpr (std::is_same_v<P, c10::BFloat16>) {
-      return launch<P, float, G, Remainder>(t, a);  // int16: the only copy the host check lets bf16 have
-    }
-  }
-  launch<P, P, G, NoCopy>(t, a);
-}
-
 void sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad,
                    const std::optional<at::Tensor>& momentum_buffer,
                    const std::optional<at::Tensor>& param_copy, const at::Tensor& step,
@@ -128,7 +113,8 @@ void sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad,
   FUSEDACCUM_DISPATCH_FLOAT_TYPES(param.scalar_type(), "sgd_step_cuda", [&] {
     using p_t = scalar_t;
     FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "sgd_step_cuda_grad", [&] {
-      launch_with_copy<p_t, scalar_t>(t, a);
+      using g_t = scalar_t;
+      dispatch_weights<p_t>(t.param_copy, [&]<typename S, typename C>() { launch<p_t, S, g_t, C>(t, a); });
     });
   });
 }
