@@ -7,8 +7,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <type_traits>
 
 #define FUSEDACCUM_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                    \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                           \
@@ -24,10 +26,14 @@ inline bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at:
 
 // Everything fusedaccum/ops' check_flat refuses, refused here too: the public op runs these
 // kernels without the Python checks (csrc/public_ops.cpp).
-inline void check_like_param(const char* op, const char* what, const at::Tensor& t, const at::Tensor& param) {
-  TORCH_CHECK(t.layout() == at::kStrided && t.dim() == 1 && t.is_contiguous() && is_float_type(t.scalar_type()) &&
-                  t.numel() == param.numel() && t.device() == param.device(),
-              op, ": ", what, " must be a flat contiguous float32/bfloat16/float16 tensor, of the parameter's size and on its device");
+// float_dtype = false: any dtype (an int16 remainder), as check_flat(float_dtype=False).
+inline void check_like_param(const char* op, const char* what, const at::Tensor& t, const at::Tensor& param,
+                             bool float_dtype = true) {
+  TORCH_CHECK(t.layout() == at::kStrided && t.dim() == 1 && t.is_contiguous() &&
+                  (!float_dtype || is_float_type(t.scalar_type())) && t.numel() == param.numel() &&
+                  t.device() == param.device(),
+              op, ": ", what, " must be a flat contiguous ", float_dtype ? "float32/bfloat16/float16 " : "",
+              "tensor, of the parameter's size and on its device");
 }
 
 // The memory-safety checks of an optimizer step kernel, CPU or CUDA: every array (state arrays
@@ -49,10 +55,8 @@ inline void check_step_tensors(const char* op, const at::Tensor& param, const at
     TORCH_CHECK(t->scalar_type() == state_type, op, ": optimizer state must have the parameter's dtype (float32 with a remainder)");
   }
   if (remainder) {
-    TORCH_CHECK(param.scalar_type() == at::kBFloat16 && param_copy->layout() == at::kStrided && param_copy->dim() == 1 &&
-                    param_copy->is_contiguous() && param_copy->numel() == param.numel() &&
-                    param_copy->device() == param.device(),
-                op, ": an int16 param_copy is the flat remainder of a bfloat16 parameter, of its size and on its device");
+    check_like_param(op, "param_copy", *param_copy, param, /*float_dtype=*/false);
+    TORCH_CHECK(param.scalar_type() == at::kBFloat16, op, ": an int16 param_copy is the remainder of a bfloat16 parameter");
   } else if (param_copy != nullptr) {
     check_like_param(op, "param_copy", *param_copy, param);
     TORCH_CHECK(param.scalar_type() == at::kFloat &&
@@ -64,6 +68,52 @@ inline void check_step_tensors(const char* op, const at::Tensor& param, const at
     TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == param.device(), op,
                 ": step, factor and found_inf must be one-element float32 tensors on the parameter's device");
   }
+}
+
+// The second half of an optimizer step's weights, its param_copy: none, the bf16/fp16 copy of
+// an fp32 master (C is the copy's own type), or the int16 remainder that makes a bf16
+// parameter the fp32 master (master_weights="remainder"). copy_t<C> is what param_copy holds.
+struct NoCopy {};
+struct Remainder {};
+template <typename C>
+struct CopyStorage {
+  using type = C;
+};
+template <>
+struct CopyStorage<Remainder> {
+  using type = int16_t;
+};
+template <typename C>
+using copy_t = typename CopyStorage<C>::type;
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// Calls f(Type<P>{}, Type<S>{}, Type<G>{}, Type<C>{}) with the parameter, state and gradient
+// types and the copy kind of a step, CPU or CUDA. The state has the parameter's type, except
+// beside a remainder (float). Only an fp32 master has a bf16/fp16 copy and only a bf16
+// parameter a remainder (check_step_tensors refuses the rest), so only those instantiate
+// kernels with one.
+template <typename F>
+void dispatch_step_types(const at::Tensor& param, const at::Tensor& grad,
+                         const std::optional<at::Tensor>& param_copy, F&& f) {
+  FUSEDACCUM_DISPATCH_FLOAT_TYPES(param.scalar_type(), "fusedaccum_step", [&] {
+    using P = scalar_t;
+    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "fusedaccum_step_grad", [&] {
+      using G = scalar_t;
+      if (param_copy.has_value()) {
+        if constexpr (std::is_same_v<P, float>) {
+          if (param_copy->scalar_type() == at::kBFloat16) return f(Type<P>{}, Type<P>{}, Type<G>{}, Type<c10::BFloat16>{});
+          return f(Type<P>{}, Type<P>{}, Type<G>{}, Type<c10::Half>{});
+        } else if constexpr (std::is_same_v<P, c10::BFloat16>) {
+          return f(Type<P>{}, Type<float>{}, Type<G>{}, Type<Remainder>{});
+        }
+      }
+      f(Type<P>{}, Type<P>{}, Type<G>{}, Type<NoCopy>{});
+    });
+  });
 }
 
 // Every argument check of fusedaccum_C::accumulate, CPU or CUDA: the public op calls the

@@ -22,14 +22,15 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 14;
 
-// amsgrad and the copy are template flags so that the loops have no conditional loads or
-// stores; the options inside adam_element are branch-free selects, so the float loop
-// vectorizes (tile.h says why it works on tiles). S is the state's type: P's, or float when
-// C is int16_t (a bf16 parameter whose remainder makes it the fp32 master).
-template <typename P, typename S, typename G, typename C, bool kAmsgrad, bool kCopy>
+// amsgrad and the copy kind are template parameters so that the loops have no conditional
+// loads or stores; the options inside adam_element are branch-free selects, so the float loop
+// vectorizes (tile.h says why it works on tiles). S is the state's type and C the copy kind
+// (dispatch.h dispatch_step_types).
+template <typename P, typename S, typename G, typename C, bool kAmsgrad>
 FUSEDACCUM_CPU_CLONES void adam_loop(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg, S* __restrict exp_avg_sq,
-               S* __restrict max_exp_avg_sq, C* __restrict param_copy,
+               S* __restrict max_exp_avg_sq, copy_t<C>* __restrict param_copy,
                int64_t begin, int64_t end, float factor, const AdamConstants c) {
+  constexpr bool kCopy = !std::is_same_v<C, NoCopy>;
   if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float>) {
     // fp32 parameter (or master) and gradient: the math runs on the arrays themselves; only
     // the low-precision copy of a master goes through a tile.
@@ -52,14 +53,14 @@ FUSEDACCUM_CPU_CLONES void adam_loop(P* __restrict param, const G* __restrict gr
   float p[kTile], g[kTile], m[kTile], v[kTile], vmax[kTile];
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    load_weights(param, param_copy, t, p, n);
+    load_weights<C>(param, param_copy, t, p, n);
     load_tile(grad + t, g, n);
     load_tile(exp_avg + t, m, n);
     load_tile(exp_avg_sq + t, v, n);
     if constexpr (kAmsgrad) load_tile(max_exp_avg_sq + t, vmax, n);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) adam_element(p[j], g[j], m[j], v[j], vmax[j], factor, c);
-    store_weights<P, C, kCopy>(p, param, param_copy, t, n);
+    store_weights<C>(p, param, param_copy, t, n);
     store_tile(m, exp_avg + t, n);
     store_tile(v, exp_avg_sq + t, n);
     if constexpr (kAmsgrad) store_tile(vmax, max_exp_avg_sq + t, n);
@@ -75,16 +76,11 @@ void adam_run(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
   S* m = exp_avg.data_ptr<S>();
   S* v = exp_avg_sq.data_ptr<S>();
   S* vmax = c.amsgrad ? max_exp_avg_sq->data_ptr<S>() : nullptr;
-  C* copy = param_copy.has_value() ? param_copy->data_ptr<C>() : nullptr;
-  const bool with_copy = copy != nullptr;
+  copy_t<C>* copy = nullptr;
+  if constexpr (!std::is_same_v<C, NoCopy>) copy = param_copy->data_ptr<copy_t<C>>();
   at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    if (c.amsgrad) {
-      with_copy ? adam_loop<P, S, G, C, true, true>(p, g, m, v, vmax, copy, begin, end, factor, c)
-                : adam_loop<P, S, G, C, true, false>(p, g, m, v, vmax, copy, begin, end, factor, c);
-    } else {
-      with_copy ? adam_loop<P, S, G, C, false, true>(p, g, m, v, vmax, copy, begin, end, factor, c)
-                : adam_loop<P, S, G, C, false, false>(p, g, m, v, vmax, copy, begin, end, factor, c);
-    }
+    c.amsgrad ? adam_loop<P, S, G, C, true>(p, g, m, v, vmax, copy, begin, end, factor, c)
+              : adam_loop<P, S, G, C, false>(p, g, m, v, vmax, copy, begin, end, factor, c);
   });
 }
 
@@ -102,24 +98,9 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
   const AdamConstants c = adam_constants(read_cpu_scalar(step), lr, beta1, beta2, eps, weight_decay,
                                          decoupled_weight_decay, maximize, amsgrad);
   const float f = read_cpu_scalar(factor);
-  if (param_copy.has_value() && param_copy->scalar_type() == at::kShort) {
-    // master_weights="remainder": bf16 parameter + int16 remainder = the fp32 master; fp32 state.
-    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "adam_step_cpu_grad", [&] {
-      adam_run<c10::BFloat16, float, scalar_t, int16_t>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                                                        param_copy, f, c);
-    });
-    return;
-  }
-  // With no copy the copy type is irrelevant; float keeps the instantiation count down.
-  const at::ScalarType copy_type = param_copy.has_value() ? param_copy->scalar_type() : at::kFloat;
-  FUSEDACCUM_DISPATCH_FLOAT_TYPES(param.scalar_type(), "adam_step_cpu", [&] {
-    using p_t = scalar_t;
-    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "adam_step_cpu_grad", [&] {
-      using g_t = scalar_t;
-      FUSEDACCUM_DISPATCH_FLOAT_TYPES(copy_type, "adam_step_cpu_copy", [&] {
-        adam_run<p_t, p_t, g_t, scalar_t>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, f, c);
-      });
-    });
+  dispatch_step_types(param, grad, param_copy, [&](auto p_t, auto s_t, auto g_t, auto c_t) {
+    adam_run<typename decltype(p_t)::type, typename decltype(s_t)::type, typename decltype(g_t)::type,
+             typename decltype(c_t)::type>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, f, c);
   });
 }
 

@@ -17,13 +17,14 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 14;
 
-// The copy is a template flag so that the loops have no conditional stores and vectorize
-// (tile.h says why they work on tiles). S is the state's type: P's, or float when C is
-// int16_t (a bf16 parameter whose remainder makes it the fp32 master).
-template <typename P, typename S, typename G, typename C, bool kCopy>
+// The copy kind is a template parameter so that the loops have no conditional stores and
+// vectorize (tile.h says why they work on tiles). S is the state's type and C the copy kind
+// (dispatch.h dispatch_step_types).
+template <typename P, typename S, typename G, typename C>
 FUSEDACCUM_CPU_CLONES void lion_loop(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
-                                     C* __restrict param_copy, int64_t begin, int64_t end, float factor,
+                                     copy_t<C>* __restrict param_copy, int64_t begin, int64_t end, float factor,
                                      const LionConstants c) {
+  constexpr bool kCopy = !std::is_same_v<C, NoCopy>;
   if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float>) {
     for (int64_t t = begin; t < end; t += kTile) {
       const int64_t stop = std::min(t + kTile, end);
@@ -42,12 +43,12 @@ FUSEDACCUM_CPU_CLONES void lion_loop(P* __restrict param, const G* __restrict gr
   float p[kTile], g[kTile], m[kTile];
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    load_weights(param, param_copy, t, p, n);
+    load_weights<C>(param, param_copy, t, p, n);
     load_tile(grad + t, g, n);
     load_tile(exp_avg + t, m, n);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) lion_element(p[j], g[j], m[j], factor, c);
-    store_weights<P, C, kCopy>(p, param, param_copy, t, n);
+    store_weights<C>(p, param, param_copy, t, n);
     store_tile(m, exp_avg + t, n);
   }
 }
@@ -58,10 +59,10 @@ void lion_run(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
   P* p = param.data_ptr<P>();
   const G* g = grad.data_ptr<G>();
   S* m = exp_avg.data_ptr<S>();
-  C* copy = param_copy.has_value() ? param_copy->data_ptr<C>() : nullptr;
+  copy_t<C>* copy = nullptr;
+  if constexpr (!std::is_same_v<C, NoCopy>) copy = param_copy->data_ptr<copy_t<C>>();
   at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    copy ? lion_loop<P, S, G, C, true>(p, g, m, copy, begin, end, factor, c)
-         : lion_loop<P, S, G, C, false>(p, g, m, copy, begin, end, factor, c);
+    lion_loop<P, S, G, C>(p, g, m, copy, begin, end, factor, c);
   });
 }
 
@@ -74,22 +75,9 @@ void lion_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
 
   const LionConstants c = lion_constants(lr, beta1, beta2, weight_decay, maximize);
   const float f = read_cpu_scalar(factor);
-  if (param_copy.has_value() && param_copy->scalar_type() == at::kShort) {
-    // master_weights="remainder": bf16 parameter + int16 remainder = the fp32 master; fp32 state.
-    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "lion_step_cpu_grad", [&] {
-      lion_run<c10::BFloat16, float, scalar_t, int16_t>(param, grad, exp_avg, param_copy, f, c);
-    });
-    return;
-  }
-  const at::ScalarType copy_type = param_copy.has_value() ? param_copy->scalar_type() : at::kFloat;
-  FUSEDACCUM_DISPATCH_FLOAT_TYPES(param.scalar_type(), "lion_step_cpu", [&] {
-    using p_t = scalar_t;
-    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "lion_step_cpu_grad", [&] {
-      using g_t = scalar_t;
-      FUSEDACCUM_DISPATCH_FLOAT_TYPES(copy_type, "lion_step_cpu_copy", [&] {
-        lion_run<p_t, p_t, g_t, scalar_t>(param, grad, exp_avg, param_copy, f, c);
-      });
-    });
+  dispatch_step_types(param, grad, param_copy, [&](auto p_t, auto s_t, auto g_t, auto c_t) {
+    lion_run<typename decltype(p_t)::type, typename decltype(s_t)::type, typename decltype(g_t)::type,
+             typename decltype(c_t)::type>(param, grad, exp_avg, param_copy, f, c);
   });
 }
 

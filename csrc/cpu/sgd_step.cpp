@@ -18,13 +18,14 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 14;
 
-// Momentum and the copy are template flags so that the loops have no conditional loads or
-// stores and vectorize (tile.h says why they work on tiles). S is the state's type: P's, or
-// float when C is int16_t (a bf16 parameter whose remainder makes it the fp32 master).
-template <typename P, typename S, typename G, typename C, bool kMomentum, bool kCopy>
+// Momentum and the copy kind are template parameters so that the loops have no conditional
+// loads or stores and vectorize (tile.h says why they work on tiles). S is the state's type and
+// C the copy kind (dispatch.h dispatch_step_types).
+template <typename P, typename S, typename G, typename C, bool kMomentum>
 FUSEDACCUM_CPU_CLONES void sgd_loop(P* __restrict param, const G* __restrict grad, S* __restrict momentum_buffer,
-              C* __restrict param_copy, int64_t begin, int64_t end,
+              copy_t<C>* __restrict param_copy, int64_t begin, int64_t end,
               float factor, const SgdConstants c) {
+  constexpr bool kCopy = !std::is_same_v<C, NoCopy>;
   if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float>) {
     // fp32 parameter (or master) and gradient: the math runs on the arrays themselves; only
     // the low-precision copy of a master goes through a tile.
@@ -45,12 +46,12 @@ FUSEDACCUM_CPU_CLONES void sgd_loop(P* __restrict param, const G* __restrict gra
   float p[kTile], g[kTile], buf[kTile];
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    load_weights(param, param_copy, t, p, n);
+    load_weights<C>(param, param_copy, t, p, n);
     load_tile(grad + t, g, n);
     if constexpr (kMomentum) load_tile(momentum_buffer + t, buf, n);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) sgd_element(p[j], g[j], buf[j], factor, c);
-    store_weights<P, C, kCopy>(p, param, param_copy, t, n);
+    store_weights<C>(p, param, param_copy, t, n);
     if constexpr (kMomentum) store_tile(buf, momentum_buffer + t, n);
   }
 }
@@ -61,16 +62,11 @@ void sgd_run(const at::Tensor& param, const at::Tensor& grad, const std::optiona
   P* p = param.data_ptr<P>();
   const G* g = grad.data_ptr<G>();
   S* buf = momentum_buffer.has_value() ? momentum_buffer->data_ptr<S>() : nullptr;
-  C* copy = param_copy.has_value() ? param_copy->data_ptr<C>() : nullptr;
-  const bool with_copy = copy != nullptr;
+  copy_t<C>* copy = nullptr;
+  if constexpr (!std::is_same_v<C, NoCopy>) copy = param_copy->data_ptr<copy_t<C>>();
   at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    if (c.momentum != 0.0f) {
-      with_copy ? sgd_loop<P, S, G, C, true, true>(p, g, buf, copy, begin, end, factor, c)
-                : sgd_loop<P, S, G, C, true, false>(p, g, buf, copy, begin, end, factor, c);
-    } else {
-      with_copy ? sgd_loop<P, S, G, C, false, true>(p, g, buf, copy, begin, end, factor, c)
-                : sgd_loop<P, S, G, C, false, false>(p, g, buf, copy, begin, end, factor, c);
-    }
+    c.momentum != 0.0f ? sgd_loop<P, S, G, C, true>(p, g, buf, copy, begin, end, factor, c)
+                       : sgd_loop<P, S, G, C, false>(p, g, buf, copy, begin, end, factor, c);
   });
 }
 
@@ -88,22 +84,9 @@ void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad,
   const SgdConstants c = sgd_constants(read_cpu_scalar(step), lr, momentum, dampening,
                                        weight_decay, nesterov, maximize);
   const float f = read_cpu_scalar(factor);
-  if (param_copy.has_value() && param_copy->scalar_type() == at::kShort) {
-    // master_weights="remainder": bf16 parameter + int16 remainder = the fp32 master; fp32 state.
-    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "sgd_step_cpu_grad", [&] {
-      sgd_run<c10::BFloat16, float, scalar_t, int16_t>(param, grad, momentum_buffer, param_copy, f, c);
-    });
-    return;
-  }
-  const at::ScalarType copy_type = param_copy.has_value() ? param_copy->scalar_type() : at::kFloat;
-  FUSEDACCUM_DISPATCH_FLOAT_TYPES(param.scalar_type(), "sgd_step_cpu", [&] {
-    using p_t = scalar_t;
-    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "sgd_step_cpu_grad", [&] {
-      using g_t = scalar_t;
-      FUSEDACCUM_DISPATCH_FLOAT_TYPES(copy_type, "sgd_step_cpu_copy", [&] {
-        sgd_run<p_t, p_t, g_t, scalar_t>(param, grad, momentum_buffer, param_copy, f, c);
-      });
-    });
+  dispatch_step_types(param, grad, param_copy, [&](auto p_t, auto s_t, auto g_t, auto c_t) {
+    sgd_run<typename decltype(p_t)::type, typename decltype(s_t)::type, typename decltype(g_t)::type,
+            typename decltype(c_t)::type>(param, grad, momentum_buffer, param_copy, f, c);
   });
 }
 

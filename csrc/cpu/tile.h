@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../dispatch.h"
 #include "../elementwise.h"
 
 namespace fusedaccum {
@@ -35,12 +36,12 @@ inline void store_tile(const float* __restrict src, T* __restrict dst, int64_t n
 
 // The weights a step reads and writes, as float: the parameter (with, on store, the
 // low-precision copy of an fp32 master), or a bf16 parameter and its int16 remainder, which
-// together are the fp32 master (master_weights="remainder", elementwise.h). Offsets rather
-// than shifted pointers: `copy` is null when there is none.
-template <typename P, typename C>
-inline void load_weights(const P* __restrict param, const C* __restrict copy, int64_t t, float* __restrict dst,
-                         int64_t n) {
-  if constexpr (std::is_same_v<C, int16_t>) {
+// together are the fp32 master (C = Remainder; dispatch.h). Offsets rather than shifted
+// pointers: `copy` is null when there is none.
+template <typename C, typename P>
+inline void load_weights(const P* __restrict param, const copy_t<C>* __restrict copy, int64_t t,
+                         float* __restrict dst, int64_t n) {
+  if constexpr (std::is_same_v<C, Remainder>) {
     static_assert(std::is_same_v<P, c10::BFloat16>, "a remainder goes with a bf16 parameter");
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) dst[j] = merge_remainder(param[t + j].x, copy[t + j]);
@@ -49,10 +50,10 @@ inline void load_weights(const P* __restrict param, const C* __restrict copy, in
   }
 }
 
-template <typename P, typename C, bool kCopy>
-inline void store_weights(const float* __restrict src, P* __restrict param, C* __restrict copy, int64_t t,
+template <typename C, typename P>
+inline void store_weights(const float* __restrict src, P* __restrict param, copy_t<C>* __restrict copy, int64_t t,
                           int64_t n) {
-  if constexpr (std::is_same_v<C, int16_t>) {
+  if constexpr (std::is_same_v<C, Remainder>) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       uint16_t hi;
@@ -61,7 +62,7 @@ inline void store_weights(const float* __restrict src, P* __restrict param, C* _
     }
   } else {
     store_tile(src, param + t, n);
-    if constexpr (kCopy) store_tile(src, copy + t, n);
+    if constexpr (!std::is_same_v<C, NoCopy>) store_tile(src, copy + t, n);
   }
 }
 

@@ -124,12 +124,9 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
 
   const AdamTensors t{param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, step, factor, found_inf};
   const AdamArgs a{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, amsgrad};
-  FUSEDACCUM_DISPATCH_FLOAT_TYPES(param.scalar_type(), "adam_step_cuda", [&] {
-    using p_t = scalar_t;
-    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "adam_step_cuda_grad", [&] {
-      using g_t = scalar_t;
-      dispatch_weights<p_t>(t.param_copy, [&]<typename S, typename C>() { launch<p_t, S, g_t, C>(t, a); });
-    });
+  dispatch_step_types(param, grad, param_copy, [&](auto p_t, auto s_t, auto g_t, auto c_t) {
+    launch<typename decltype(p_t)::type, typename decltype(s_t)::type, typename decltype(g_t)::type,
+           typename decltype(c_t)::type>(t, a);
   });
 }
 

@@ -87,12 +87,9 @@ void lion_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
 
   const LionTensors t{param, grad, exp_avg, param_copy, factor, found_inf};
   const LionConstants c = lion_constants(lr, beta1, beta2, weight_decay, maximize);
-  FUSEDACCUM_DISPATCH_FLOAT_TYPES(param.scalar_type(), "lion_step_cuda", [&] {
-    using p_t = scalar_t;
-    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "lion_step_cuda_grad", [&] {
-      using g_t = scalar_t;
-      dispatch_weights<p_t>(t.param_copy, [&]<typename S, typename C>() { launch<p_t, S, g_t, C>(t, c); });
-    });
+  dispatch_step_types(param, grad, param_copy, [&](auto p_t, auto s_t, auto g_t, auto c_t) {
+    launch<typename decltype(p_t)::type, typename decltype(s_t)::type, typename decltype(g_t)::type,
+           typename decltype(c_t)::type>(t, c);
   });
 }
 

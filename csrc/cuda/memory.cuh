@@ -14,13 +14,11 @@
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
-#include <ATen/core/Tensor.h>
-
 #include <atomic>
 #include <cstdint>
-#include <optional>
 #include <type_traits>
 
+#include "../dispatch.h"
 #include "../elementwise.h"
 
 namespace fusedaccum {
@@ -48,45 +46,6 @@ inline int grid_size(int64_t items, int device) {
   const int64_t wanted = (items + kBlockThreads - 1) / kBlockThreads;
   const int64_t most = static_cast<int64_t>(sm_count(device)) * kBlocksPerSM;
   return static_cast<int>(wanted < 1 ? 1 : (wanted < most ? wanted : most));
-}
-
-// The param_copy type of an optimizer kernel that writes no copy (if constexpr drops the
-// stores), so that only fp32 masters instantiate kernels with a copy (and bf16 parameters
-// one with a Remainder, below).
-struct NoCopy {};
-
-// The param_copy type of master_weights="remainder": param_copy is then the int16 remainder of
-// a bf16 parameter, the two together the fp32 master bit for bit, and the state is fp32.
-// Only bf16 params instantiate it.
-struct Remainder {};
-
-// What param_copy points at for copy type C: the int16 remainder for Remainder, else a C.
-template <typename C>
-struct CopyStorage {
-  using type = C;
-};
-template <>
-struct CopyStorage<Remainder> {
-  using type = int16_t;
-};
-template <typename C>
-using copy_t = typename CopyStorage<C>::type;
-
-// Calls f.template operator()<S, C>() with the state type S and the copy kind C of an optimizer
-// kernel for a parameter of type P and its param_copy: only an fp32 master has a bf16/fp16
-// copy and only a bf16 parameter a remainder (check_step_tensors refuses the rest), so only
-// those instantiate kernels with one.
-template <typename P, typename F>
-inline void dispatch_weights(const std::optional<at::Tensor>& param_copy, F&& f) {
-  if (param_copy.has_value()) {
-    if constexpr (std::is_same_v<P, float>) {
-      if (param_copy->scalar_type() == at::kBFloat16) return f.template operator()<P, c10::BFloat16>();
-      return f.template operator()<P, c10::Half>();
-    } else if constexpr (std::is_same_v<P, c10::BFloat16>) {
-      return f.template operator()<float, Remainder>();
-    }
-  }
-  f.template operator()<P, NoCopy>();
 }
 
 template <typename T>

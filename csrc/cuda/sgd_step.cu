@@ -110,12 +110,9 @@ void sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad,
 
   const SgdTensors t{param, grad, momentum_buffer, param_copy, step, factor, found_inf};
   const SgdArgs a{lr, momentum, dampening, weight_decay, nesterov, maximize};
-  FUSEDACCUM_DISPATCH_FLOAT_TYPES(param.scalar_type(), "sgd_step_cuda", [&] {
-    using p_t = scalar_t;
-    FUSEDACCUM_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "sgd_step_cuda_grad", [&] {
-      using g_t = scalar_t;
-      dispatch_weights<p_t>(t.param_copy, [&]<typename S, typename C>() { launch<p_t, S, g_t, C>(t, a); });
-    });
+  dispatch_step_types(param, grad, param_copy, [&](auto p_t, auto s_t, auto g_t, auto c_t) {
+    launch<typename decltype(p_t)::type, typename decltype(s_t)::type, typename decltype(g_t)::type,
+           typename decltype(c_t)::type>(t, a);
   });
 }
 
