@@ -137,10 +137,10 @@ class GradAccumulator:
                 "process_group belongs to the full path: pass accumulation_steps=N and drive the loop with "
                 "acc.backward(loss) and acc.step(). In swap-in mode wrap the model in DistributedDataParallel as usual."
             )
-        if shard_optimizer_state:
-            raise NotImplementedError(
-                "shard_optimizer_state=True (ZeRO-1) is not implemented yet; use process_group=... without it "
-                "(every rank keeps the whole optimizer state)"
+        if shard_optimizer_state and process_group is None:
+            raise ValueError(
+                "shard_optimizer_state=True shards the optimizer state across the ranks of a process group: pass "
+                "process_group=... too (dist.group.WORLD, or the data-parallel group)"
             )
         self._bucket_numel = bucket_numel
         if self.full and not any(p.requires_grad for a in optimizer.arenas for p in a.params):
@@ -184,6 +184,7 @@ class GradAccumulator:
         self._found_inf = None
         self._process_group = process_group
         self._reduce_bucket_numel = reduce_bucket_numel
+        self._shard = bool(shard_optimizer_state)
         self._dp = None  # fusedaccum.distributed.DataParallel under process_group=...
         optimizer._accumulator = self
         self._attach_arenas(optimizer.arenas)
@@ -322,12 +323,20 @@ class GradAccumulator:
             "grads": [w.arena.grad for w in self._windows],
             "loss_scale": None if self._scale is None else (self._scale, self._growth_tracker),
             "reduced": reduced,
+            "shards": self._dp.ranges() if reduced else None,  # ZeRO-1: only these ranges of the grads are reduced
         }
 
     def load_state_dict(self, state: dict) -> None:
         self._check_attached()
         if len(state["grads"]) != len(self._windows):
             raise ValueError("this accumulator state was saved for a different set of arenas (other model or optimizer)")
+        if state.get("reduced") and self._dp is not None and state.get("shards") != self._dp.ranges():
+            raise ValueError(
+                "this accumulator state was saved between the last acc.backward() and acc.step() of a data-parallel "
+                "window with another sharding of the optimizer state (shard_optimizer_state, world size, rank or "
+                "reduce_bucket_numel differ): each rank's gradients are reduced only where it kept state. Load it with "
+                "the same settings, or save at another point of the window"
+            )
         self._micro_step = state["micro_step"]
         self._uses_items = state["uses_items"]
         self._items.copy_(state["items"])
@@ -376,7 +385,9 @@ class GradAccumulator:
 
             if self._dp is not None:
                 self._dp.discard()
-            self._dp = DataParallel(self._windows, self._process_group, self._reduce_bucket_numel)
+            self._dp = DataParallel(self._windows, self._process_group, self._reduce_bucket_numel, self._shard)
+            if self._shard:
+                self.optimizer._unpublish_shards()
 
     def _adopt_new_params(self) -> None:
         """Hooks parameters that started requiring grad after the accumulator was created."""
@@ -551,10 +562,12 @@ class GradAccumulator:
                     sumsq.zero_()
                     found_inf.zero_()
                 for w, t in zip(self._windows, touched):
-                    _add_squares(w.arena.run_views(w.arena.grad, t), *self._stats[w.arena.device])
+                    _add_squares(_reduced_views(w.arena, t), *self._stats[w.arena.device])
             devices = list(self._stats)
             sumsq = sum(self._stats[d][0].to(self.device) for d in devices)
             found_inf = torch.stack([self._stats[d][1].to(self.device) for d in devices]).amax()
+            if self._dp is not None and self._dp.shard:
+                sumsq, found_inf = self._dp.reduce_stats(sumsq, found_inf)  # each rank measured its pieces
             factor = torch.ones((), device=self.device)
             if self._dp is not None and not self._uses_items:
                 factor = factor / self._dp.world  # the reduction summed the ranks' means
@@ -573,6 +586,8 @@ class GradAccumulator:
                 factor={d: factor.to(d) for d in devices},
                 found_inf={d: found_inf.to(d) for d in devices},
             )
+            if self._dp is not None and self._dp.shard:
+                self._dp.all_gather_params()  # each rank stepped its pieces
             if self._dynamic:
                 torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf, *self._growth)
         for w in self._windows:
@@ -580,6 +595,12 @@ class GradAccumulator:
         if self._dp is not None:
             self._dp.discard()
         self._reset_counts()
+
+
+def _reduced_views(arena: Arena, touched: list[bool]) -> list[torch.Tensor]:
+    """The slices of the reduced gradient this process measures: the runs of touched parameters,
+    or with ZeRO-1 their parts in this rank's shard (the rest was reduced on other ranks)."""
+    return [arena.grad[x:y] for a, b in arena.runs(touched) for x, y, _ in arena.pieces(*arena.range_of(a, b))]
 
 
 def _add_squares(tensors: list[torch.Tensor], sumsq: torch.Tensor, found_inf: torch.Tensor | None) -> None:

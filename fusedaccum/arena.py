@@ -14,8 +14,12 @@ optimizer's `_reconcile` is the one place that brings it back in line before eac
 """
 from __future__ import annotations
 
+import bisect
+
 import torch
 import torch.utils.dlpack
+
+from fusedaccum.reference import merge_remainder, split_remainder
 
 ALIGN = 16  # elements; every parameter view starts on a 64-byte boundary for vector loads
 
@@ -87,6 +91,80 @@ class Arena:
         # What optimizer.state[p] held when this arena last agreed with it: {key: tensor},
         # the tensors aliasing this arena's state; None while the parameter has no state.
         self.published: list[dict | None] = [None] * len(params)
+        # The ranges of the arena whose optimizer state this process keeps: all of it, or with
+        # ZeRO-1 (fusedaccum/distributed.py) its shard. The shard buffers (state, master,
+        # remainder) hold those ranges back to back: (lo, hi, where it starts in them).
+        self.owned: list[tuple[int, int, int]] = [(0, end, 0)]
+        self.sharding = None  # the DataParallel that sharded this arena, if one did
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding is not None
+
+    @property
+    def shard_numel(self) -> int:
+        return sum(hi - lo for lo, hi, _ in self.owned)
+
+    def shard(self, ranges: list[tuple[int, int]], sharding) -> None:
+        """Keeps the optimizer state, master and remainder of `ranges` only (ZeRO-1): the rest
+        belongs to other processes. The parameters and the gradient stay whole."""
+        ranges = sorted((lo, hi) for lo, hi in ranges if hi > lo)
+        owned, c = [], 0
+        for lo, hi in ranges:
+            owned.append((lo, hi, c))
+            c += hi - lo
+
+        def keep(buf):
+            return torch.cat([buf[lo:hi] for lo, hi in ranges]) if ranges else buf[:0].clone()
+
+        self.state = {name: keep(buf) for name, buf in self.state.items()}
+        if self.master is not None:
+            self.master = keep(self.master)
+        if self.remainder is not None:
+            self.remainder = keep(self.remainder)
+        self.owned, self.sharding = owned, sharding
+
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """The parts [x, y) of arena range [lo, hi) this process keeps state for, each with where
+        it starts in the shard buffers."""
+        if not self.sharded:
+            return [(lo, hi, lo)]
+        out = []
+        k = max(bisect.bisect_right(self.owned, (lo, float("inf"), 0)) - 1, 0)
+        for a, b, c in self.owned[k:]:
+            if a >= hi:
+                break
+            x, y = max(a, lo), min(b, hi)
+            if x < y:
+                out.append((x, y, c + x - a))
+        return out
+
+    def shard_parts(self, buf: torch.Tensor, i: int) -> list[tuple[torch.Tensor, slice]]:
+        """Parameter i's part of shard buffer `buf`: (slice of buf, the same elements of the flat parameter)."""
+        o = self.offsets[i]
+        return [(buf[c : c + y - x], slice(x - o, y - o)) for x, y, c in self.pieces(o, o + self.numels[i])]
+
+    def write_shard(self, buf: torch.Tensor, i: int, value: torch.Tensor | None) -> None:
+        """Shard buffer `buf` takes parameter i's value (whole-parameter shaped; None: zero) where it keeps it."""
+        flat = None if value is None else value.detach().reshape(-1)
+        for dst, part in self.shard_parts(buf, i):
+            if flat is None:
+                dst.zero_()
+            else:
+                dst.copy_(flat[part])
+
+    def step_slices(self, x: int, y: int, c: int):
+        """The step ops' tensors for arena range [x, y) (kept from c in the shard buffers):
+        (param, param_copy, grad, {state name: slice}). param/param_copy are the fp32 master and
+        the parameter it is copied to, the bf16 parameter and its int16 remainder, or the
+        parameter alone."""
+        s = slice(c, c + y - x)
+        state = {name: buf[s] for name, buf in self.state.items()}
+        if self.master is not None:
+            return self.master[s], self.param[x:y], self.grad[x:y], state
+        if self.remainder is not None:
+            return self.param[x:y], self.remainder[s], self.grad[x:y], state
+        return self.param[x:y], None, self.grad[x:y], state
 
     @property
     def has_master(self) -> bool:
@@ -98,12 +176,12 @@ class Arena:
 
     def master_of(self, i: int) -> torch.Tensor | None:
         """Parameter i's fp32 master as a tensor: a view of the master, or, with remainders, a
-        new tensor made from the parameter and its remainder; None without master weights."""
+        new tensor made from the parameter and its remainder; None without master weights.
+        Not sharded (a sharded arena's state_dict gathers the masters)."""
+        assert not self.sharded
         if self.master is not None:
             return self.view(self.master, i)
         if self.remainder is not None:
-            from fusedaccum.reference import merge_remainder
-
             return merge_remainder(self.view(self.param, i), self.view(self.remainder, i))
         return None
 
@@ -111,13 +189,11 @@ class Arena:
         """Parameter i's fp32 master becomes `master`; with remainders the bf16 parameter is
         rewritten as its high half (the master rounded to nearest, ties aside)."""
         if self.master is not None:
-            self.view(self.master, i).copy_(master)
+            self.write_shard(self.master, i, master)
         elif self.remainder is not None:
-            from fusedaccum.reference import split_remainder
-
             hi, rem = split_remainder(master.to(self.device, torch.float32).reshape(self.params[i].shape))
             self.view(self.param, i).copy_(hi)
-            self.view(self.remainder, i).copy_(rem)
+            self.write_shard(self.remainder, i, rem)
         self.versions[i] = self.params[i]._version
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -134,7 +210,7 @@ class Arena:
     def ensure_state(self, names: tuple[str, ...]) -> None:
         for name in names:
             if name not in self.state:
-                self.state[name] = torch.zeros(self.numel, dtype=self.state_dtype, device=self.device)
+                self.state[name] = torch.zeros(self.shard_numel, dtype=self.state_dtype, device=self.device)
 
     def check_param(self, i: int) -> None:
         """Raises if parameter i no longer lives in this arena (converted, moved or replaced)."""
@@ -159,16 +235,16 @@ class Arena:
     def reset_state(self, i: int) -> None:
         """Parameter i starts over as if never stepped: zero state, step 0, master = parameter."""
         for buf in self.state.values():
-            self.view(buf, i).zero_()
+            self.write_shard(buf, i, None)
         self.steps[i] = 0
         self.reseed_master(i)
         self.published[i] = None
 
     def reseed_master(self, i: int) -> None:
         if self.master is not None:
-            self.view(self.master, i).copy_(self.params[i])
+            self.write_shard(self.master, i, self.params[i])
         if self.remainder is not None:
-            self.view(self.remainder, i).zero_()  # the master is the bf16 value itself
+            self.write_shard(self.remainder, i, None)  # the master is the bf16 value itself
         self.versions[i] = self.params[i]._version
 
     def renumber_step_classes(self) -> None:

@@ -6,7 +6,7 @@ count per bucket, buckets reduced in a fixed order):
 
 * Nothing is sent before the last micro-batch of a window: the arenas accumulate locally.
 * During the last micro-batch's backward, the C++ Window reports every fold; a bucket whose
-  parameters have all been folded is all-reduced asynchronously while the backward goes on.
+  parameters have all been folded is reduced asynchronously while the backward goes on.
   Buckets are numbered from the end of the arenas (backprop meets the last layers first) and
   launched strictly in that order, so every rank issues the same collectives in the same
   order whatever its own timing. What is not ready when the backward ends is launched then.
@@ -14,29 +14,50 @@ count per bucket, buckets reduced in a fixed order):
   gradient on any rank: the window's mean is over every item of every rank, and a parameter
   used on one rank steps on all (DDP's find_unused_parameters semantics: the others add zero).
 * The reduction is a sum; the mean's 1/world joins the step's device-side factor.
+
+With shard_optimizer_state=True (ZeRO-1) each bucket is cut into `world` equal pieces and
+rank r keeps the optimizer state (and fp32 master or remainder) of its piece only: the bucket
+is reduce-scattered in place instead of all-reduced, each rank steps its pieces, and the
+updated parameters are all-gathered in place. Buckets then cut through parameters, at
+multiples of world * ALIGN elements so that every piece is aligned; the arena's last
+world * ALIGN elements or fewer form a small bucket of their own, staged through a padded
+buffer (the collectives want world equal pieces).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-# Elements per all-reduce (a larger parameter is its own bucket): on a GPU, NCCL wants large
-# messages; on CPU (gloo) smaller ones start earlier in the backward.
+from fusedaccum.arena import ALIGN
+
+# Elements per reduction (unsharded, a larger parameter is its own bucket): on a GPU, NCCL
+# wants large messages; on CPU (gloo) smaller ones start earlier in the backward.
 DEFAULT_REDUCE_BUCKET_NUMEL = {"cpu": 1 << 22, "cuda": 1 << 25}
+
+# torch 2.14 renamed the single-tensor collectives (the old names warn).
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
 class Bucket:
-    """A contiguous range of one arena's gradient buffer, parameters [first, last)."""
+    """A contiguous range [lo, hi) of one arena's gradient buffer and the parameters it holds
+    (whole ones, or with sharding any that intersect it)."""
 
-    def __init__(self, window_index: int, first: int, last: int, lo: int, hi: int):
-        self.window_index, self.first, self.last, self.lo, self.hi = window_index, first, last, lo, hi
+    def __init__(self, window_index: int, lo: int, hi: int, params: list[int]):
+        self.window_index, self.lo, self.hi, self.params = window_index, lo, hi, params
+        self.piece = 0  # elements per rank (sharded): rank r keeps [lo + r * piece, lo + (r + 1) * piece) ∩ [lo, hi)
+        self.staged = False  # (sharded) hi - lo is not world * piece: the collectives go through a padded copy
         self.expected = 0  # parameters to fold in this micro-batch before the bucket is complete
         self.folded = 0
         self.launched = False
 
+    def mine(self, rank: int) -> tuple[int, int]:
+        """The range of the arena this rank keeps state for (sharded); may be empty at the end."""
+        return min(self.lo + rank * self.piece, self.hi), min(self.lo + (rank + 1) * self.piece, self.hi)
+
 
 class DataParallel:
-    def __init__(self, windows: list, group, reduce_bucket_numel: int | None):
+    def __init__(self, windows: list, group, reduce_bucket_numel: int | None, shard: bool = False):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 "GradAccumulator(..., process_group=...) needs torch.distributed initialized: call "
@@ -49,14 +70,18 @@ class DataParallel:
             )
         self.group = group
         self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.shard = bool(shard)
         self.windows = windows
-        self._check_same_parameters()
-        self._broadcast_parameters()
+        self._check_same_setup()
         self.buckets: list[Bucket] = []
-        self.bucket_of: dict[int, list[int]] = {}  # window index -> per parameter, its bucket's index
+        # window index -> per parameter, the indices of the buckets that hold it
+        self.bucket_of: dict[int, list[list[int]]] = {}
         for wi in reversed(range(len(windows))):  # the last arena's end first: backprop order
             self._cut(wi, reduce_bucket_numel)
-        self.works: list = []
+        self._broadcast_parameters()
+        self._shard_arenas()
+        self.works: list = []  # (collective, what to do once it is done or None)
         self.summary: torch.Tensor | None = None
         self.summary_work = None
         self.next_launch = 0
@@ -65,37 +90,62 @@ class DataParallel:
 
     # -- construction -----------------------------------------------------------------
 
-    def _check_same_parameters(self) -> None:
+    def _check_same_setup(self) -> None:
         mine = [(str(w.arena.dtype), str(w.arena.grad.dtype), [tuple(p.shape) for p in w.arena.params],
                  [bool(p.requires_grad) for p in w.arena.params]) for w in self.windows]
         every = [None] * self.world
-        dist.all_gather_object(every, mine, group=self.group)
-        for rank, theirs in enumerate(every):
+        dist.all_gather_object(every, (self.shard, mine), group=self.group)
+        for rank, (shard, theirs) in enumerate(every):
             if theirs != mine:
                 raise ValueError(
                     f"data parallel needs the same parameters on every rank (shapes, dtypes, requires_grad, in the "
-                    f"same order), but rank {dist.get_rank(self.group)} and rank {rank} differ. Build the model and the "
+                    f"same order), but rank {self.rank} and rank {rank} differ. Build the model and the "
                     f"optimizer the same way on every rank."
+                )
+            if shard != self.shard:
+                raise ValueError(
+                    f"shard_optimizer_state is {self.shard} on rank {self.rank} but {shard} on rank {rank}: pass the "
+                    f"same GradAccumulator arguments on every rank"
                 )
 
     def _broadcast_parameters(self) -> None:
-        """Every rank starts from the first rank's parameters (and fp32 masters or remainders), as DDP does when it wraps."""
+        """Every rank starts from the first rank's parameters (and fp32 masters or remainders), as DDP
+        does when it wraps. An arena sharded by an earlier accumulator keeps its pieces of the masters
+        and remainders: they are this rank's own."""
         src = dist.get_global_rank(self.group, 0)
         with torch.no_grad():
             for w in self.windows:
-                remainder = w.arena.remainder
-                # gloo has no int16: a broadcast copies bits, so the remainder goes as bytes
-                for flat in (w.arena.param, w.arena.master, None if remainder is None else remainder.view(torch.uint8)):
+                flats = [w.arena.param]
+                if not w.arena.sharded:
+                    # gloo and NCCL have no int16: a broadcast copies bits, so the remainder goes as bytes
+                    remainder = w.arena.remainder
+                    flats += [w.arena.master, None if remainder is None else remainder.view(torch.uint8)]
+                for flat in flats:
                     if flat is not None:
                         dist.broadcast(flat, src=src, group=self.group)
 
     def _cut(self, wi: int, reduce_bucket_numel: int | None) -> None:
         arena = self.windows[wi].arena
         limit = reduce_bucket_numel or DEFAULT_REDUCE_BUCKET_NUMEL.get(arena.device.type, DEFAULT_REDUCE_BUCKET_NUMEL["cuda"])
-        n = len(arena.params)
-        of = [0] * n
-        last = n
-        while last > 0:  # from the end of the arena, whole parameters per bucket
+        ranges = self._element_ranges(arena, limit) if self.shard else self._parameter_ranges(arena, limit)
+        of: list[list[int]] = [[] for _ in arena.params]
+        for lo, hi in ranges:
+            params = [i for i, (o, n) in enumerate(zip(arena.offsets, arena.numels)) if o < hi and o + n > lo]
+            b = Bucket(wi, lo, hi, params)
+            if self.shard:
+                unit = self.world * ALIGN
+                b.piece = -(-(hi - lo) // unit) * ALIGN
+                b.staged = (hi - lo) != self.world * b.piece
+            for i in params:
+                of[i].append(len(self.buckets))
+            self.buckets.append(b)
+        self.bucket_of[wi] = of
+
+    @staticmethod
+    def _parameter_ranges(arena, limit: int) -> list[tuple[int, int]]:
+        """Whole parameters per bucket, from the end of the arena."""
+        out, n, last = [], len(arena.params), len(arena.params)
+        while last > 0:
             first, size = last - 1, arena.numels[last - 1]
             while first > 0 and size + arena.numels[first - 1] <= limit:
                 first -= 1
@@ -105,11 +155,48 @@ class DataParallel:
                 lo = 0
             if last == n:
                 hi = arena.numel  # the alignment padding at the end (zero) goes with the last bucket
-            for i in range(first, last):
-                of[i] = len(self.buckets)
-            self.buckets.append(Bucket(wi, first, last, lo, hi))
+            out.append((lo, hi))
             last = first
-        self.bucket_of[wi] = of
+        return out
+
+    def _element_ranges(self, arena, limit: int) -> list[tuple[int, int]]:
+        """Sharded: from the end of the arena, a bucket of what is past the last multiple of
+        world * ALIGN, then buckets of `limit` elements rounded up to that unit."""
+        unit = self.world * ALIGN
+        limit = -(-limit // unit) * unit
+        out, hi = [], arena.numel
+        if hi % unit:
+            out.append((hi - hi % unit, hi))
+            hi -= hi % unit
+        while hi > 0:
+            out.append((max(0, hi - limit), hi))
+            hi = out[-1][0]
+        return out
+
+    def _shard_arenas(self) -> None:
+        """ZeRO-1: each arena keeps the state of this rank's pieces of its buckets."""
+        for wi, w in enumerate(self.windows):
+            arena = w.arena
+            if not self.shard:
+                if arena.sharded:
+                    raise ValueError(
+                        "this optimizer's state is sharded across ranks (an earlier GradAccumulator had "
+                        "shard_optimizer_state=True): pass shard_optimizer_state=True again, or load "
+                        "opt.state_dict() into a new optimizer"
+                    )
+                continue
+            ranges = sorted(b.mine(self.rank) for b in self.buckets if b.window_index == wi)
+            ranges = [(lo, hi) for lo, hi in ranges if hi > lo]
+            if arena.sharded:
+                if [(lo, hi) for lo, hi, _ in arena.owned] != ranges:
+                    raise ValueError(
+                        "this optimizer's state is already sharded differently (another process group, world size or "
+                        "reduce_bucket_numel): pass the same ones as the first sharded GradAccumulator, or load "
+                        "opt.state_dict() into a new optimizer"
+                    )
+                arena.sharding = self
+            else:
+                arena.shard(ranges, self)
 
     # -- the last micro-batch -----------------------------------------------------------
 
@@ -122,7 +209,7 @@ class DataParallel:
         self.counted = {wi: bytearray(len(w.arena.params)) for wi, w in enumerate(self.windows)}
         for b in self.buckets:
             hooked = self.windows[b.window_index].hooked
-            b.expected = sum(hooked[b.first : b.last])
+            b.expected = sum(hooked[i] for i in b.params)
             b.folded = 0
             b.launched = False
         for wi, w in enumerate(self.windows):
@@ -131,18 +218,19 @@ class DataParallel:
     def _on_folded(self, wi: int, indices: list[int]) -> None:
         of, counted = self.bucket_of[wi], self.counted[wi]
         for i in indices:
-            b = self.buckets[of[i]]
-            if b.launched:
-                raise RuntimeError(
-                    f"parameter {i} of param group {self.windows[wi].arena.group_index} got a second gradient in one "
-                    f"backward after its bucket's all-reduce had started (a layer used several times under reentrant "
-                    f"activation checkpointing?). With process_group=..., checkpoint with "
-                    f"torch.utils.checkpoint.checkpoint(..., use_reentrant=False): autograd then sums a parameter's "
-                    f"contributions before handing over its gradient."
-                )
+            for k in of[i]:
+                if self.buckets[k].launched:
+                    raise RuntimeError(
+                        f"parameter {i} of param group {self.windows[wi].arena.group_index} got a second gradient in "
+                        f"one backward after its bucket's reduction had started (a layer used several times under "
+                        f"reentrant activation checkpointing?). With process_group=..., checkpoint with "
+                        f"torch.utils.checkpoint.checkpoint(..., use_reentrant=False): autograd then sums a "
+                        f"parameter's contributions before handing over its gradient."
+                    )
             if not counted[i]:  # a second contribution before the launch is folded in place: count once
                 counted[i] = 1
-                b.folded += 1
+                for k in of[i]:
+                    self.buckets[k].folded += 1
         self._launch_ready()
 
     def _launch_ready(self) -> None:
@@ -154,14 +242,18 @@ class DataParallel:
 
     def _launch(self, b: Bucket) -> None:
         w = self.windows[b.window_index]
-        touched = w.touched
+        arena, touched = w.arena, w.touched
         with torch.no_grad():
-            for i in range(b.first, b.last):
-                if not touched[i]:
-                    w.grad_views[i].zero_()  # no gradient here this window: the stale slice adds nothing
+            for i in b.params:
+                if not touched[i]:  # no gradient here this window: the stale slice adds nothing
+                    o = arena.offsets[i]
+                    arena.grad[max(o, b.lo) : min(o + arena.numels[i], b.hi)].zero_()
         b.launched = True
         self.next_launch += 1
-        self.works.append(dist.all_reduce(w.arena.grad[b.lo : b.hi], group=self.group, async_op=True))
+        if self.shard:
+            self.works.append(self._reduce_scatter(arena.grad, b))
+        else:
+            self.works.append((dist.all_reduce(arena.grad[b.lo : b.hi], group=self.group, async_op=True), None))
 
     def end_of_backward(self, items: torch.Tensor) -> None:
         """After the last backward (every fold done, listening stopped): launch what is left, then the
@@ -178,11 +270,75 @@ class DataParallel:
         for w in self.windows:
             w.set_fold_listener(None)
 
+    # -- the sharded collectives (in place, as NCCL and gloo allow) ----------------------
+
+    def _reduce_scatter(self, flat: torch.Tensor, b: Bucket):
+        """Starts summing flat[b.lo:b.hi] over the ranks into this rank's piece of it."""
+        r, s = self.rank, b.piece
+        if not b.staged:
+            piece = flat[b.lo + r * s : b.lo + (r + 1) * s]
+            return _reduce_scatter(piece, flat[b.lo : b.hi], group=self.group, async_op=True), None
+        padded = flat.new_zeros(self.world * s)
+        padded[: b.hi - b.lo].copy_(flat[b.lo : b.hi])
+        work = _reduce_scatter(padded[r * s : (r + 1) * s], padded, group=self.group, async_op=True)
+        x, y = b.mine(r)
+        return work, lambda: flat[x:y].copy_(padded[r * s : r * s + y - x])
+
+    def _all_gather(self, flat: torch.Tensor, b: Bucket, mine: torch.Tensor | None = None):
+        """Starts filling flat[b.lo:b.hi] with every rank's piece (this rank's: `mine`, or already in place)."""
+        r, s = self.rank, b.piece
+        x, y = b.mine(r)
+        if not b.staged:
+            if mine is not None:
+                flat[x:y].copy_(mine)
+            return _all_gather(flat[b.lo : b.hi], flat[x:y], group=self.group, async_op=True), None
+        padded = flat.new_zeros(self.world * s)
+        padded[r * s : r * s + y - x].copy_(flat[x:y] if mine is None else mine)
+        work = _all_gather(padded, padded[r * s : (r + 1) * s], group=self.group, async_op=True)
+        return work, lambda: flat[b.lo : b.hi].copy_(padded[: b.hi - b.lo])
+
+    def all_gather_params(self) -> None:
+        """After a sharded step: every rank's updated pieces of the parameters, everywhere."""
+        with torch.no_grad():
+            self.works = [self._all_gather(self.windows[b.window_index].arena.param, b) for b in self.buckets]
+            self.wait()
+
+    def gather(self, arena, buf: torch.Tensor) -> torch.Tensor:
+        """A shard buffer of `arena` (state, master or remainder) made whole: a new flat tensor of
+        arena.numel elements, the same on every rank. A collective."""
+        wi = next(k for k, w in enumerate(self.windows) if w.arena is arena)
+        wire = torch.int32 if buf.dtype == torch.int16 else buf.dtype  # gloo and NCCL have no int16
+        out = torch.zeros(arena.numel, dtype=wire, device=buf.device)
+        with torch.no_grad():
+            for b in self.buckets:
+                if b.window_index == wi:
+                    x, y = b.mine(self.rank)
+                    c = arena.pieces(x, y)[0][2] if y > x else 0
+                    self.works.append(self._all_gather(out, b, buf[c : c + y - x].to(wire)))
+            self.wait()
+        return out.to(buf.dtype)
+
+    def reduce_stats(self, sumsq: torch.Tensor, found_inf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sharded: each rank measured its pieces of the gradient; the window's norm and
+        non-finite flag are over all of them (the same on every rank, so all clip and skip alike)."""
+        both = torch.stack([sumsq.float(), found_inf.float()])
+        dist.all_reduce(both, group=self.group)
+        bad = (both[1] > 0) | ~both[0].isfinite()
+        return both[0], bad.float()
+
     # -- the step -----------------------------------------------------------------------
 
+    def ranges(self) -> list[list[tuple[int, int]]] | None:
+        """What each arena keeps (sharded), to tell whether a saved reduced window fits this layout."""
+        if not self.shard:
+            return None
+        return [[(lo, hi) for lo, hi, _ in w.arena.owned] for w in self.windows]
+
     def wait(self) -> None:
-        for work in self.works:
+        for work, then in self.works:
             work.wait()
+            if then is not None:
+                then()
         self.works = []
         if self.summary_work is not None:
             self.summary_work.wait()

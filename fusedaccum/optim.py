@@ -16,7 +16,8 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fusedaccum.arena import Arena, build_arenas, master_mode
+from fusedaccum.arena import Arena, alias, build_arenas, master_mode
+from fusedaccum.reference import merge_remainder
 
 # parameter -> weakref to the fusedaccum optimizer whose arena holds its memory
 _OWNER = WeakIdKeyDictionary()
@@ -104,6 +105,13 @@ class FusedOptimizer:
                 loss = closure()
         if self._accumulator is not None:
             self._accumulator._optimizer_step()
+        elif any(a.sharded for a in self._arenas):
+            raise RuntimeError(
+                f"this {type(self).__name__}'s state is sharded across ranks (GradAccumulator(..., "
+                f"shard_optimizer_state=True)), and its accumulator was replaced or dropped: each rank would step "
+                f"only its shard. Step through a GradAccumulator with the same process_group and "
+                f"shard_optimizer_state=True, or load opt.state_dict() into a new optimizer."
+            )
         else:
             self._fused_step(self._reconcile(), *self._grad_scaler_inputs())
         return loss
@@ -168,11 +176,9 @@ class FusedOptimizer:
         arena.ensure_state(names)
         published = arena.published[i] or {}
         for name in names:
-            value, dst = entry.get(name), arena.view(arena.state[name], i)
-            if value is None:
-                dst.zero_()
-            elif value is not published.get(name):
-                dst.copy_(value)
+            value = entry.get(name)
+            if value is None or value is not published.get(name):
+                arena.write_shard(arena.state[name], i, value)
         if self._publish_step:
             arena.steps[i] = float(entry.get("step", 0))
         else:  # torch.optim.SGD keeps no count; a momentum buffer means "not the first step"
@@ -180,7 +186,7 @@ class FusedOptimizer:
         master, remainder = entry.get("master_param"), entry.get("master_remainder")
         if arena.remainder is not None and remainder is not None and master is None:
             if remainder is not published.get("master_remainder"):  # a copied optimizer's live state
-                arena.view(arena.remainder, i).copy_(remainder)
+                arena.write_shard(arena.remainder, i, remainder)
             arena.versions[i] = arena.params[i]._version
         elif not arena.has_master or master is None:
             arena.reseed_master(i)
@@ -189,18 +195,36 @@ class FusedOptimizer:
         self._publish(arena, i, names)
 
     def _publish(self, arena: Arena, i: int, names: tuple[str, ...]) -> None:
-        """optimizer.state[p] gets views of the arena, with torch.optim's keys."""
+        """optimizer.state[p] gets views of the arena, with torch.optim's keys. A sharded arena
+        (ZeRO-1) keeps only part of each parameter's state: optimizer.state[p] then shows the
+        step alone, and state_dict() gathers the rest from every rank."""
         entry = {"step": arena.steps[i]} if self._publish_step else {}
-        for name in names:
-            entry[name] = arena.view(arena.state[name], i)
-        if arena.master is not None:
-            entry["master_param"] = arena.view(arena.master, i)
-        if arena.remainder is not None:
-            entry["master_remainder"] = arena.view(arena.remainder, i)
+        p = arena.params[i]
+        kept = self.state.get(p, {})
+        if arena.sharded:
+            kept = {k: v for k, v in kept.items() if k not in (*names, "master_param", "master_remainder")}
+        else:
+            for name in names:
+                entry[name] = arena.view(arena.state[name], i)
+            if arena.master is not None:
+                entry["master_param"] = arena.view(arena.master, i)
+            if arena.remainder is not None:
+                entry["master_remainder"] = arena.view(arena.remainder, i)
         arena.published[i] = entry
-        if entry:
-            p = arena.params[i]
-            self.state[p] = {**self.state.get(p, {}), **entry}  # keys a user added stay
+        if entry or (arena.sharded and p in self.state):  # sharded: loaded whole-parameter state is dropped
+            self.state[p] = {**kept, **entry}  # keys a user added stay
+
+    def _unpublish_shards(self) -> None:
+        """Just sharded: optimizer.state[p] gives up the whole-parameter views of the old buffers
+        where it still shows them (an entry set by hand since is adopted at the next step)."""
+        for arena in self._arenas:
+            if not arena.sharded:
+                continue
+            names = self._state_names_for(self.param_groups[arena.group_index])
+            for i, (published, p) in enumerate(zip(arena.published, arena.params)):
+                entry = self.state.get(p)
+                if published is not None and entry and all(entry.get(k) is v for k, v in published.items()):
+                    self._publish(arena, i, names)
 
     def _gather_grads(self, arena: Arena) -> list[bool]:
         """Copies the parameters' .grad into the arena (one accumulate launch per grad dtype)."""
@@ -237,22 +261,12 @@ class FusedOptimizer:
                     steps.add_(1)
                 else:
                     steps.add_(increment)
-                lo, hi = arena.range_of(a, b)
-                self._step_range(arena, group, lo, hi, arena.steps[a], f, inf)
+                for piece in arena.pieces(*arena.range_of(a, b)):  # the whole range, or this rank's shard of it
+                    self._step_range(group, *arena.step_slices(*piece), arena.steps[a], f, inf)
             arena.advance_step_classes(t)
 
     def _state_names_for(self, group: dict) -> tuple[str, ...]:
         return self._state_names
-
-    @staticmethod
-    def _param_and_copy(arena: Arena, lo: int, hi: int):
-        """The step ops' (param, param_copy): the fp32 master and the parameter it is copied to,
-        the bf16 parameter and its int16 remainder, or the parameter alone."""
-        if arena.master is not None:
-            return arena.master[lo:hi], arena.param[lo:hi]
-        if arena.remainder is not None:
-            return arena.param[lo:hi], arena.remainder[lo:hi]
-        return arena.param[lo:hi], None
 
     # -- state_dict, copies, pickling -----------------------------------------------------
 
@@ -261,18 +275,48 @@ class FusedOptimizer:
         saved as the fp32 `master_param` it makes with the parameter, so checkpoints load into
         master_weights=True (and back) and torch.optim ignores the key."""
         saved = super().state_dict()
+        if any(a.sharded for a in self._arenas):
+            return {**saved, "state": self._gathered_state(saved["state"])}
         if self.master_weights != "remainder":
             return saved
+        # torch numbers the parameters in param_group order; every one lives in an arena.
         where = {id(p): (arena, i) for arena in self._arenas for i, p in enumerate(arena.params)}
         params = [p for group in self.param_groups for p in group["params"]]
         state = {}
         for index, entry in saved["state"].items():
-            if isinstance(index, int) and entry.get("master_remainder") is not None and id(params[index]) in where:
+            if entry.get("master_remainder") is not None:
                 arena, i = where[id(params[index])]
                 entry = {k: v for k, v in entry.items() if k != "master_remainder"}
                 entry["master_param"] = arena.master_of(i)
             state[index] = entry
         return {**saved, "state": state}
+
+    def _gathered_state(self, state: dict) -> dict:
+        """ZeRO-1: every rank's shards of the state (and masters) gathered into whole tensors per
+        parameter, in torch.optim's format. A collective: every rank calls state_dict()."""
+        index = {id(p): k for k, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        state = dict(state)
+        for arena in self._arenas:
+            if all(entry is None for entry in arena.published):
+                continue  # nothing stepped yet (the same on every rank: they step the same parameters)
+            names = self._state_names_for(self.param_groups[arena.group_index])
+            arena.ensure_state(names)
+            whole = {name: arena.sharding.gather(arena, arena.state[name]) for name in names}
+            master = None
+            if arena.master is not None:
+                master = arena.sharding.gather(arena, arena.master)
+            elif arena.remainder is not None:
+                master = merge_remainder(arena.param, arena.sharding.gather(arena, arena.remainder))
+            for i, p in enumerate(arena.params):
+                if arena.published[i] is None:
+                    continue  # never stepped, nothing set: no state, as in torch.optim
+                entry = dict(state.get(index[id(p)], {}))
+                for name in names:
+                    entry[name] = alias(arena.view(whole[name], i))
+                if master is not None:
+                    entry["master_param"] = alias(arena.view(master, i))
+                state[index[id(p)]] = entry
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's load_state_dict (hooks included); the next step adopts the loaded state."""
@@ -341,12 +385,11 @@ class Adam(FusedOptimizer, torch.optim.Adam):
     def _decoupled(self, group) -> bool:
         return bool(group.get("decoupled_weight_decay", False))
 
-    def _step_range(self, arena, group, lo, hi, step, factor, found_inf):
-        param, copy = self._param_and_copy(arena, lo, hi)
+    def _step_range(self, group, param, copy, grad, state, step, factor, found_inf):
         beta1, beta2 = group["betas"]
         torch.ops.fusedaccum.adam_step(
-            param, arena.grad[lo:hi], arena.state["exp_avg"][lo:hi], arena.state["exp_avg_sq"][lo:hi],
-            arena.state["max_exp_avg_sq"][lo:hi] if group["amsgrad"] else None, copy, step, factor, found_inf,
+            param, grad, state["exp_avg"], state["exp_avg_sq"],
+            state["max_exp_avg_sq"] if group["amsgrad"] else None, copy, step, factor, found_inf,
             float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
             self._decoupled(group), bool(group["maximize"]),
         )
@@ -367,11 +410,10 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     def _state_names_for(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _step_range(self, arena, group, lo, hi, step, factor, found_inf):
-        param, copy = self._param_and_copy(arena, lo, hi)
-        buf = arena.state["momentum_buffer"][lo:hi] if group["momentum"] != 0 else None
+    def _step_range(self, group, param, copy, grad, state, step, factor, found_inf):
+        buf = state["momentum_buffer"] if group["momentum"] != 0 else None
         torch.ops.fusedaccum.sgd_step(
-            param, arena.grad[lo:hi], buf, copy, step, factor, found_inf, float(group["lr"]),
+            param, grad, buf, copy, step, factor, found_inf, float(group["lr"]),
             float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
             bool(group["nesterov"]), bool(group["maximize"]),
         )
@@ -401,10 +443,9 @@ class Lion(FusedOptimizer, torch.optim.Optimizer):
         self._init_arenas()
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize))
 
-    def _step_range(self, arena, group, lo, hi, step, factor, found_inf):
-        param, copy = self._param_and_copy(arena, lo, hi)
+    def _step_range(self, group, param, copy, grad, state, step, factor, found_inf):
         beta1, beta2 = group["betas"]
         torch.ops.fusedaccum.lion_step(
-            param, arena.grad[lo:hi], arena.state["exp_avg"][lo:hi], copy, factor, found_inf, float(group["lr"]),
+            param, grad, state["exp_avg"], copy, factor, found_inf, float(group["lr"]),
             float(beta1), float(beta2), float(group["weight_decay"]), bool(group["maximize"]),
         )
