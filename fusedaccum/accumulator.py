@@ -187,7 +187,11 @@ class GradAccumulator:
         self._shard = bool(shard_optimizer_state)
         self._dp = None  # fusedaccum.distributed.DataParallel under process_group=...
         optimizer._accumulator = self
-        self._attach_arenas(optimizer.arenas)
+        try:
+            self._attach_arenas(optimizer.arenas)
+        except BaseException:
+            self._detach()  # refused (e.g. by the ranks' checks): the optimizer is left without an accumulator
+            raise
 
     # -- public API -------------------------------------------------------------------
 

@@ -333,6 +333,13 @@ class FusedOptimizer:
             self._loading = None
 
     def __getstate__(self) -> dict:
+        if any(a.sharded for a in self._arenas):
+            # optimizer.state holds the step only: a copy would start the moments over.
+            raise RuntimeError(
+                f"this {type(self).__name__}'s state is sharded across ranks (shard_optimizer_state=True) and cannot "
+                f"be copied or pickled: each rank holds a piece of it. Save opt.state_dict() (a collective: call it on "
+                f"every rank; it gathers the whole state) and load it into a new optimizer."
+            )
         return {**super().__getstate__(), "master_weights": self.master_weights}
 
     def __setstate__(self, state: dict) -> None:

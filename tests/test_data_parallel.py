@@ -11,15 +11,19 @@ group, and leaves its results in files; the tests then compare:
 * num_items, a different count on every rank: the single-process mean over all items of all ranks;
 * a non-finite gradient on one rank: every rank skips the window, the parameters stay bit-identical;
 * collectives: one all-reduce per bucket plus the window's summary, none before the last micro-batch;
-* a checkpoint in the middle of a window and one between the last backward and the step resume exactly.
+* a checkpoint in the middle of a window and one between the last backward and the step resume exactly;
+* ZeRO-1 (shard_optimizer_state=True) runs every case above too, and: one reduce-scatter and one
+  all-gather per bucket, each rank keeping about 1/world of the optimizer state; its state_dict is
+  the unsharded run's, and loads into torch.optim and into a single-process fusedaccum optimizer.
 """
 from __future__ import annotations
 
 import datetime
+import io
 import math
 import os
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -50,6 +54,9 @@ BF16_ULPS = 3
 CPU_BACKENDS = [b for b in dispatch.BACKENDS if dispatch.runs_on(b, "cpu")]
 REF = "torch.optim"
 BUCKETS = dict(bucket_numel=64, reduce_bucket_numel=100)  # several folds and reductions per backward
+# ZeRO-1's state against the unsharded run's after 3 windows: the reduced gradients may differ in
+# their last bit (other summation order), which Adam's 1/sqrt(v) and three steps amplify a little.
+STATE_RTOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -59,16 +66,22 @@ class Case:
     dtype: str = "fp32"  # or bf16 (+ master_weights)
     groups: bool = False  # two param groups (biases without weight decay): several arenas, several bucket runs
     master: bool | str = True  # bf16: master_weights (True: an fp32 master; "remainder": broadcast and stepped too)
+    shard: bool = False  # ZeRO-1: shard_optimizer_state=True
 
     @property
     def id(self) -> str:
         return (f"{self.opt}-{'clip' if self.clip else 'noclip'}-{self.dtype}" + ("-2groups" if self.groups else "")
-                + ("-remainder" if self.master == "remainder" else ""))
+                + ("-remainder" if self.master == "remainder" else "") + ("-zero1" if self.shard else ""))
+
+    @property
+    def ref_id(self) -> str:  # the DDP reference does not shard
+        return replace(self, shard=False).id
 
 
-CASES = ([Case(o, c) for o in ("AdamW", "Adam", "SGD", "Lion") for c in (False, True)]
-         + [Case("AdamW", True, "bf16"), Case("AdamW", True, "bf16", master="remainder"),
-            Case("AdamW", True, groups=True)])
+UNSHARDED = ([Case(o, c) for o in ("AdamW", "Adam", "SGD", "Lion") for c in (False, True)]
+             + [Case("AdamW", True, "bf16"), Case("AdamW", True, "bf16", master="remainder"),
+                Case("AdamW", True, groups=True)])
+CASES = UNSHARDED + [replace(c, shard=True) for c in UNSHARDED]
 
 
 class _Net(nn.Module):
@@ -159,7 +172,8 @@ def _fa(case: Case, rank: int, pg):
     dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
     model = _model(rank, dtype)
     acc = fa.GradAccumulator(_opt(fa, case, model.parameters()), accumulation_steps=MICRO,
-                             max_grad_norm=CLIP if case.clip else None, process_group=pg, **BUCKETS)
+                             max_grad_norm=CLIP if case.clip else None, process_group=pg,
+                             shard_optimizer_state=case.shard, **BUCKETS)
     norms = []
     for w in range(WINDOWS):
         for m in range(MICRO):
@@ -167,7 +181,15 @@ def _fa(case: Case, rank: int, pg):
             acc.backward(F.mse_loss(model(x.to(dtype)).float(), y))
             acc.step()
         norms.append(float(acc.grad_norm))
-    return {"params": _snapshot(model), "norms": norms}
+    state = {k: {n: v.float().clone() for n, v in e.items() if torch.is_tensor(v) and n != "step"}
+             for k, e in acc.optimizer.state_dict()["state"].items()}  # a collective under sharding
+    return {"params": _snapshot(model), "norms": norms, "state": state, "state_bytes": _state_bytes(acc.optimizer)}
+
+
+def _state_bytes(opt) -> int:
+    """What this process keeps for the optimizer: moments, fp32 masters or remainders."""
+    bufs = [t for a in opt.arenas for t in (*a.state.values(), a.master, a.remainder) if t is not None]
+    return sum(t.numel() * t.element_size() for t in bufs)
 
 
 def _uses_extra(rank: int, w: int, m: int) -> bool:
@@ -233,10 +255,10 @@ def _fa_items(rank: int, pg):
     return _snapshot(model)
 
 
-def _fa_nonfinite(rank: int, pg):
+def _fa_nonfinite(rank: int, shard: bool, pg):
     model = _model(rank)
     acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=1.0,
-                             loss_scale="dynamic", process_group=pg, **BUCKETS)
+                             loss_scale="dynamic", process_group=pg, shard_optimizer_state=shard, **BUCKETS)
     out = {}
     for w in range(WINDOWS):
         before = _snapshot(model)
@@ -252,69 +274,75 @@ def _fa_nonfinite(rank: int, pg):
     return out
 
 
-def _fa_count(rank: int, pg):
-    """Counts the all-reduces fusedaccum issues, after each micro-batch and at each step."""
-    calls = []
-    real = dist.all_reduce
+def _fa_count(rank: int, shard: bool, pg):
+    """Counts the collectives fusedaccum issues (by kind), after each micro-batch and at each step."""
+    from fusedaccum import distributed as fdp
 
-    def counting(tensor, *a, **k):
-        calls.append(tensor.numel())
-        return real(tensor, *a, **k)
+    calls = []
+    real = {"all_reduce": dist.all_reduce, "reduce_scatter": fdp._reduce_scatter, "all_gather": fdp._all_gather}
+
+    def counting(kind):
+        def call(tensor, *a, **k):
+            calls.append(kind)
+            return real[kind](tensor, *a, **k)
+
+        return call
 
     model = _model(rank)
     acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=1.0,
-                             process_group=pg, **BUCKETS)
-    dist.all_reduce = counting
+                             process_group=pg, shard_optimizer_state=shard, **BUCKETS)
+    dist.all_reduce = counting("all_reduce")
+    fdp._reduce_scatter, fdp._all_gather = counting("reduce_scatter"), counting("all_gather")
     log = []
     try:
         for w in range(2):
             for m in range(MICRO):
                 x, y = _batch(rank, w, m)
                 acc.backward(F.mse_loss(model(x), y))
-                log.append(("backward", w, m, len(calls)))
+                log.append(("backward", w, m, {k: calls.count(k) for k in real}))
                 acc.step()
-                log.append(("step", w, m, len(calls)))
+                log.append(("step", w, m, {k: calls.count(k) for k in real}))
     finally:
-        dist.all_reduce = real
-    return {"log": log, "buckets": len(acc._dp.buckets), "sizes": calls}
+        dist.all_reduce, fdp._reduce_scatter, fdp._all_gather = real.values()
+    return {"log": log, "buckets": len(acc._dp.buckets)}
 
 
-def _build_adamw(rank: int, pg):
+def _build_adamw(rank: int, pg, shard: bool = False):
     model = _model(rank)
     acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=CLIP,
-                             process_group=pg, **BUCKETS)
+                             process_group=pg, shard_optimizer_state=shard, **BUCKETS)
     return model, acc
 
 
-def _save_and_rebuild(model, acc, rank: int, pg):
+def _save_and_rebuild(model, acc, rank: int, pg, shard: bool):
     """torch.save and torch.load of everything, then a new model, optimizer and accumulator that load it."""
     saved = torch.load(_roundtrip({"model": model.state_dict(), "opt": acc.optimizer.state_dict(),
                                    "acc": acc.state_dict()}), weights_only=False)
-    model, acc = _build_adamw(rank, pg)
+    model, acc = _build_adamw(rank, pg, shard)
     model.load_state_dict(saved["model"])
     acc.optimizer.load_state_dict(saved["opt"])
     acc.load_state_dict(saved["acc"])
     return model, acc
 
 
-def _fa_resume(rank: int, after_backward: bool, pg):
+def _fa_resume(rank: int, after_backward: bool, shard: bool, pg):
     """Saves and resumes in window 1: after its first micro-batch, or after its last backward (the
     gradients reduced, the step not taken)."""
-    model, acc = _build_adamw(rank, pg)
+    model, acc = _build_adamw(rank, pg, shard)
     for w in range(WINDOWS):
         for m in range(MICRO):
             if w == 1 and m == 1 and not after_backward:
-                model, acc = _save_and_rebuild(model, acc, rank, pg)
+                model, acc = _save_and_rebuild(model, acc, rank, pg, shard)
             x, y = _batch(rank, w, m)
             acc.backward(F.mse_loss(model(x), y))
             if w == 1 and m == MICRO - 1 and after_backward:
-                model, acc = _save_and_rebuild(model, acc, rank, pg)
+                model, acc = _save_and_rebuild(model, acc, rank, pg, shard)
             acc.step()
     return _snapshot(model)
 
 
-def _fa_plain(rank: int, pg):
-    model, acc = _build_adamw(rank, pg)
+def _fa_plain(rank: int, shard: bool, pg):
+    model, acc = _build_adamw(rank, pg, shard)
     for w in range(WINDOWS):
         for m in range(MICRO):
             x, y = _batch(rank, w, m)
@@ -324,12 +352,59 @@ def _fa_plain(rank: int, pg):
 
 
 def _roundtrip(obj):
-    import io
-
     buf = io.BytesIO()
     torch.save(obj, buf)
     buf.seek(0)
     return buf
+
+
+def _fa_zero1_checkpoint(rank: int, pg):
+    """A sharded run's state as users see it: optimizer.state[p] (the step only), state_dict()
+    (whole tensors) loaded into torch.optim and into a single-process fusedaccum optimizer, and
+    what refuses to run on a sharded optimizer."""
+    import copy
+
+    model, acc = _build_adamw(rank, pg, shard=True)
+    for w in range(2):
+        for m in range(MICRO):
+            x, y = _batch(rank, w, m)
+            acc.backward(F.mse_loss(model(x), y))
+            acc.step()
+    opt = acc.optimizer
+    out = {"visible": sorted({tuple(sorted(e)) for e in opt.state.values()}),
+           "shard": [a.shard_numel for a in opt.arenas], "numel": [a.numel for a in opt.arenas],
+           "buckets": [sum(b.window_index == wi for b in acc._dp.buckets) for wi in range(len(opt.arenas))]}
+    saved = _roundtrip(opt.state_dict()).getvalue()
+    stepped = {}
+    for name, lib in (("torch", torch.optim), ("fa", fa)):
+        twin = copy.deepcopy(model)
+        other = lib.AdamW(twin.parameters(), lr=2e-2)
+        other.load_state_dict(torch.load(io.BytesIO(saved), weights_only=False))  # torch.optim steps loaded tensors in place
+        g = torch.Generator().manual_seed(7)
+        for p in twin.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        other.step()
+        stepped[name] = _snapshot(twin)
+    out["stepped"] = stepped
+    errors = {}
+    for what, fn in (
+        ("deepcopy", lambda: copy.deepcopy(opt)),
+        ("unsharded accumulator", lambda: fa.GradAccumulator(opt, accumulation_steps=MICRO, process_group=pg)),
+        ("other buckets", lambda: fa.GradAccumulator(opt, accumulation_steps=MICRO, process_group=pg,
+                                                     shard_optimizer_state=True, reduce_bucket_numel=1000)),
+    ):
+        try:
+            fn()
+            errors[what] = None
+        except (ValueError, RuntimeError) as e:
+            errors[what] = str(e)
+    try:  # the refused accumulators replaced `acc`, and left the optimizer without one
+        opt.step()
+        errors["step without the accumulator"] = None
+    except RuntimeError as e:
+        errors["step without the accumulator"] = str(e)
+    out["errors"] = errors
+    return out
 
 
 def _fa_mismatch(rank: int, pg):
@@ -366,7 +441,7 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str, backends: lis
         torch.save(results, path + ".tmp")
         os.replace(path + ".tmp", path)
 
-    for case in CASES:
+    for case in UNSHARDED:
         run((REF, case.id), None, _ref_ddp, case, rank)
     run((REF, "unused"), None, _ref_unused, rank, world)
     for b in backends:
@@ -374,11 +449,14 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str, backends: lis
             run((b, case.id), b, _fa, case, rank)
         run((b, "unused"), b, _fa_unused, rank, world)
         run((b, "items"), b, _fa_items, rank)
-        run((b, "nonfinite"), b, _fa_nonfinite, rank)
-        run((b, "count"), b, _fa_count, rank)
-        run((b, "plain"), b, _fa_plain, rank)
-        run((b, "resume-mid"), b, _fa_resume, rank, False)
-        run((b, "resume-reduced"), b, _fa_resume, rank, True)
+        for shard in (False, True):
+            z = "-zero1" if shard else ""
+            run((b, "nonfinite" + z), b, _fa_nonfinite, rank, shard)
+            run((b, "count" + z), b, _fa_count, rank, shard)
+            run((b, "plain" + z), b, _fa_plain, rank, shard)
+            run((b, "resume-mid" + z), b, _fa_resume, rank, False, shard)
+            run((b, "resume-reduced" + z), b, _fa_resume, rank, True, shard)
+        run((b, "zero1-checkpoint"), b, _fa_zero1_checkpoint, rank)
         run((b, "mismatch"), b, _fa_mismatch, rank)
     dist.destroy_process_group()
 
@@ -412,11 +490,13 @@ def _backend(device_backend) -> str:
     return backend
 
 
-def _close(got: dict, want: dict, dtype: str, what: str) -> list[str]:
+def _close(got: dict, want: dict, dtype: str, what: str, rtol: float = FP32_RTOL) -> list[str]:
     problems = []
     for name, w in want.items():
+        if w.numel() == 0:
+            continue
         err, scale = (got[name] - w).abs().max().item(), w.abs().max().item()
-        tol = FP32_RTOL * scale if dtype == "fp32" else BF16_ULPS * 2.0 ** (math.floor(math.log2(scale)) - 7)
+        tol = rtol * scale if dtype == "fp32" else BF16_ULPS * 2.0 ** (math.floor(math.log2(scale)) - 7)
         if not err <= tol:
             problems.append(f"{what} {name}: max |fa - reference| = {err:.3g} > {tol:.3g} (max |reference| {scale:.3g})")
     return problems
@@ -431,7 +511,7 @@ def _identical_across_ranks(per_rank: list[dict], what: str) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_matches_ddp_no_sync_and_torch_optim(case, device_backend, spawned):
     b = _backend(device_backend)
-    refs, got = _results(spawned, (REF, case.id)), _results(spawned, (b, case.id))
+    refs, got = _results(spawned, (REF, case.ref_id)), _results(spawned, (b, case.id))
     _identical_across_ranks(refs, "the DDP reference")
     _identical_across_ranks([g["params"] for g in got], "fa")
     problems = [p for r in range(len(refs)) for p in _close(got[r]["params"], refs[r], case.dtype, f"rank {r}")]
@@ -457,9 +537,10 @@ def test_num_items_is_the_mean_over_every_rank(device_backend, spawned):
     assert not problems, "\n".join(problems)
 
 
-def test_a_non_finite_gradient_on_one_rank_skips_the_window_everywhere(device_backend, spawned):
+@pytest.mark.parametrize("z", ["", "-zero1"], ids=["whole", "zero1"])
+def test_a_non_finite_gradient_on_one_rank_skips_the_window_everywhere(z, device_backend, spawned):
     b = _backend(device_backend)
-    got = _results(spawned, (b, "nonfinite"))
+    got = _results(spawned, (b, "nonfinite" + z))
     for rank, res in enumerate(got):
         # The dynamic loss scale backs off on every rank alike (GradScaler's 0.5 after an overflow).
         assert [res[("scale", w)] for w in range(WINDOWS)] == [2.0**16, 2.0**15, 2.0**15], f"rank {rank}"
@@ -469,23 +550,76 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_window_everywhere(device_ba
     _identical_across_ranks([r["params"] for r in got], "after a skipped window")
 
 
-def test_one_reduction_per_bucket_and_none_before_the_last_micro_batch(device_backend, spawned):
+@pytest.mark.parametrize("shard", [False, True], ids=["whole", "zero1"])
+def test_one_reduction_per_bucket_and_none_before_the_last_micro_batch(shard, device_backend, spawned):
     b = _backend(device_backend)
-    for rank, res in enumerate(_results(spawned, (b, "count"))):
-        per_window = res["buckets"] + 1  # the buckets, and the window's summary (items, which parameters stepped)
-        assert res["buckets"] >= 3, "the test model should span several buckets"
-        for kind, w, m, n in res["log"]:
-            want = w * per_window + (per_window if m == MICRO - 1 else 0)
-            assert n == want, f"rank {rank}: after {kind} of window {w} micro-batch {m}, {n} all-reduces; want {want}"
+    for rank, res in enumerate(_results(spawned, (b, "count-zero1" if shard else "count"))):
+        n = res["buckets"]
+        assert n >= 3, "the test model should span several buckets"
+        # Per window: the buckets' reductions and the window's summary (items, which parameters stepped)
+        # in the last backward; sharded, at the step, the norm and inf flag of the pieces, and the
+        # parameters' all-gathers.
+        if shard:
+            last_backward = {"all_reduce": 1, "reduce_scatter": n, "all_gather": 0}
+            at_step = {"all_reduce": 1, "reduce_scatter": 0, "all_gather": n}
+        else:
+            last_backward = {"all_reduce": n + 1, "reduce_scatter": 0, "all_gather": 0}
+            at_step = {"all_reduce": 0, "reduce_scatter": 0, "all_gather": 0}
+        for kind, w, m, counts in res["log"]:
+            last = m == MICRO - 1
+            want = {k: w * (last_backward[k] + at_step[k]) + last * (last_backward[k] + (kind == "step") * at_step[k])
+                    for k in counts}
+            assert counts == want, f"rank {rank}: after {kind} of window {w} micro-batch {m}: {counts}; want {want}"
 
 
+@pytest.mark.parametrize("z", ["", "-zero1"], ids=["whole", "zero1"])
 @pytest.mark.parametrize("where", ["resume-mid", "resume-reduced"])
-def test_resume_per_rank(where, device_backend, spawned):
+def test_resume_per_rank(where, z, device_backend, spawned):
     b = _backend(device_backend)
-    want, got = _results(spawned, (b, "plain")), _results(spawned, (b, where))
+    want, got = _results(spawned, (b, "plain" + z)), _results(spawned, (b, where + z))
     for rank in range(len(got)):
         for name, t in want[rank].items():
             assert torch.equal(got[rank][name], t), f"rank {rank}: {name} differs after resuming ({where})"
+
+
+@pytest.mark.parametrize("case", UNSHARDED, ids=[c.id for c in UNSHARDED])
+def test_zero1_keeps_a_share_of_the_state_and_its_state_dict_is_the_whole_runs(case, device_backend, spawned):
+    b = _backend(device_backend)
+    whole, sharded = _results(spawned, (b, case.id)), _results(spawned, (b, replace(case, shard=True).id))
+    world = len(whole)
+    # Every element's state is kept on exactly one rank; fp32 masters and remainders too.
+    assert sum(g["state_bytes"] for g in sharded) == whole[0]["state_bytes"]
+    assert max(g["state_bytes"] for g in sharded) < whole[0]["state_bytes"] * (1 / world + 0.2)
+    # The gathered state_dict: the whole run's (the sums of a reduce-scatter and of an all-reduce
+    # may round differently).
+    for rank in range(world):
+        want, got = whole[rank]["state"], sharded[rank]["state"]
+        assert got.keys() == want.keys(), f"rank {rank}: state for parameters {sorted(got)}; want {sorted(want)}"
+        for k in want:
+            assert got[k].keys() == want[k].keys(), f"rank {rank}, parameter {k}: {sorted(got[k])}; want {sorted(want[k])}"
+            problems = _close(got[k], want[k], "fp32", f"rank {rank}, parameter {k}", rtol=STATE_RTOL)
+            assert not problems, "\n".join(problems)
+
+
+def test_zero1_state_dict_loads_into_torch_optim_and_one_process(device_backend, spawned):
+    b = _backend(device_backend)
+    for rank, res in enumerate(_results(spawned, (b, "zero1-checkpoint"))):
+        # optimizer.state[p] shows what this rank has whole: the step count.
+        assert res["visible"] == [("step",)], f"rank {rank}: optimizer.state shows {res['visible']}"
+        problems = _close(res["stepped"]["fa"], res["stepped"]["torch"], "fp32", f"rank {rank}")
+        assert not problems, "a sharded state_dict loaded into fa.AdamW and torch.optim.AdamW:\n" + "\n".join(problems)
+        errors = res["errors"]
+        assert "cannot be copied" in (errors["deepcopy"] or ""), errors["deepcopy"]
+        assert "shard_optimizer_state=True again" in (errors["unsharded accumulator"] or ""), errors
+        assert "sharded differently" in (errors["other buckets"] or ""), errors
+        assert "sharded across ranks" in (errors["step without the accumulator"] or ""), errors
+    shards = [res["shard"] for res in _results(spawned, (b, "zero1-checkpoint"))]
+    numel, buckets = res["numel"], res["buckets"]
+    world = len(shards)
+    for a in range(len(numel)):
+        assert sum(s[a] for s in shards) == numel[a], f"arena {a}: the shards do not cover it once"
+        # Pieces round up to ALIGN elements per bucket, no more.
+        assert max(s[a] for s in shards) <= numel[a] / world + 16 * buckets[a], f"arena {a}: {[s[a] for s in shards]}"
 
 
 def test_ranks_with_different_parameters_are_refused(device_backend, spawned):
