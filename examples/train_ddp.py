@@ -2,11 +2,14 @@
 
     torchrun --nproc_per_node=2 examples/train_ddp.py            # CPU (gloo)
     torchrun --nproc_per_node=8 examples/train_ddp.py --device cuda   # GPUs (NCCL)
+    torchrun --nproc_per_node=2 examples/train_ddp.py --shard    # ZeRO-1: each rank keeps half the state
 
 The model is not wrapped in DistributedDataParallel: the accumulator owns the communication.
 Nothing is sent on the first N-1 micro-batches of a window; during the last one the gradient
 arena is all-reduced bucket by bucket while the backward runs; acc.step() waits for what is
 left, clips the reduced gradient and steps. Every rank ends with the same parameters.
+With --shard (ZeRO-1) the buckets are reduce-scattered instead, each rank steps its share of
+the parameters with its share of the optimizer state, and the parameters are all-gathered.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--windows", type=int, default=30)
     parser.add_argument("--accumulation-steps", type=int, default=4)
+    parser.add_argument("--shard", action="store_true", help="ZeRO-1: shard the optimizer state across ranks")
     args = parser.parse_args()
 
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
@@ -41,7 +45,7 @@ def main() -> None:
     model.to(device)
     opt = fa.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     acc = fa.GradAccumulator(opt, accumulation_steps=args.accumulation_steps, max_grad_norm=1.0,
-                             process_group=dist.group.WORLD)
+                             process_group=dist.group.WORLD, shard_optimizer_state=args.shard)
 
     data = torch.Generator().manual_seed(1234 + rank)  # each rank reads its own shard of the data
     for window in range(args.windows):
@@ -59,8 +63,13 @@ def main() -> None:
     first = flat.clone()
     dist.broadcast(first, src=0)
     assert torch.equal(flat, first), "the ranks' parameters differ"
+    # A checkpoint of a sharded optimizer: state_dict() is a collective that gathers the whole state.
+    saved = opt.state_dict()
     if rank == 0:
-        print(f"{world} ranks, {args.windows} windows of {args.accumulation_steps} micro-batches: parameters identical on every rank")
+        kept = sum(t.numel() for a in opt.arenas for t in a.state.values())
+        whole = sum(v.numel() for entry in saved["state"].values() for k, v in entry.items() if k != "step")
+        print(f"{world} ranks, {args.windows} windows of {args.accumulation_steps} micro-batches: parameters identical on "
+              f"every rank; this rank keeps {kept:,} of the {whole:,} optimizer-state elements")
     dist.destroy_process_group()
 
 

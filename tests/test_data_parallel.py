@@ -643,10 +643,11 @@ def _nccl_worker(rank: int, init_method: str, out: str) -> None:
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     result = {}
-    for name, pg in (("nccl", dist.group.WORLD), ("single", None)):
+    for name, pg, shard in (("nccl", dist.group.WORLD, False), ("nccl-zero1", dist.group.WORLD, True),
+                            ("single", None, False)):
         torch.manual_seed(100)
         model = _Net().to(device)
-        kw = dict(process_group=pg, **BUCKETS) if pg is not None else {}
+        kw = dict(process_group=pg, shard_optimizer_state=shard, **BUCKETS) if pg is not None else {}
         acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=CLIP, **kw)
         for w in range(WINDOWS):
             for m in range(MICRO):
@@ -659,11 +660,11 @@ def _nccl_worker(rank: int, init_method: str, out: str) -> None:
 
 
 def test_nccl_world_of_one_equals_the_single_process_path(tmp_path):
-    """On a GPU machine: the NCCL path end to end (world size 1: the reduction is the identity)."""
+    """On a GPU machine: the NCCL path end to end, whole and sharded (world size 1: the reduction is the identity)."""
     if not torch.cuda.is_available() or not dist.is_nccl_available():
         pytest.skip("needs CUDA and NCCL")
     out = str(tmp_path / "nccl.pt")
     mp.spawn(_nccl_worker, args=(f"tcp://127.0.0.1:{free_port()}", out), nprocs=1)
     res = torch.load(out, weights_only=False)
-    problems = _close(res["nccl"], res["single"], "fp32", "nccl")
+    problems = _close(res["nccl"], res["single"], "fp32", "nccl") + _close(res["nccl-zero1"], res["single"], "fp32", "zero1")
     assert not problems, "\n".join(problems)

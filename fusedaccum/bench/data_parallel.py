@@ -1,14 +1,18 @@
 """Bench section "data-parallel": 2 processes on gloo (CPU), a GPT-like layout, N micro-batches.
 
-Three ways to run the same window (N micro-batches of the probe model + clip + AdamW), timed in
+Four ways to run the same window (N micro-batches of the probe model + clip + AdamW), timed in
 alternation inside the same two processes:
 
   DDP, every micro-batch   DistributedDataParallel reduces after every backward (no no_sync)
   DDP + no_sync()          only the last micro-batch reduces (the usual accumulation loop)
   process_group=           fa.GradAccumulator reduces the arena during the last backward
+  process_group= + ZeRO-1  the same with shard_optimizer_state=True: reduce-scatter, each rank
+                           steps its half, all-gather of the parameters
 
-Also measured, per window: the bytes each side hands to the collectives (DDP through a comm
-hook, fusedaccum by counting its all_reduce calls) and the optimizer state each rank keeps.
+Also measured, per window: the bytes each rank sends through the collectives (DDP through a
+comm hook, fusedaccum by counting its calls), counted as a ring does (NCCL's "bus bytes"): an
+all-reduce of B bytes sends 2 (w-1)/w B, a reduce-scatter of B bytes or an all-gather into B
+bytes (w-1)/w B; and the optimizer state each rank keeps.
 """
 from __future__ import annotations
 
@@ -27,10 +31,11 @@ import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import fusedaccum as fa
+from fusedaccum import distributed as fdp
 from fusedaccum.bench.cases import MAX_GRAD_NORM, Layout, Row, Settings, gpt2_shapes, probe_loss, random_tensors
 
 WORLD = 2
-SIDES = ("DDP, every micro-batch", "DDP + no_sync()", "process_group=")
+SIDES = ("DDP, every micro-batch", "DDP + no_sync()", "process_group=", "process_group= + ZeRO-1")
 
 
 def dp_layout(scale: str) -> Layout:
@@ -60,6 +65,12 @@ def _state_bytes(opt) -> int:
     return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
 
 
+def _ring_bytes(kind: str, whole: torch.Tensor) -> float:
+    """Bytes one rank sends for a collective over `whole`, done as a ring."""
+    share = (WORLD - 1) / WORLD * whole.numel() * whole.element_size()
+    return 2 * share if kind == "all_reduce" else share
+
+
 def _worker(rank: int, init_method: str, shapes, n: int, rounds: int, out: str) -> None:
     torch.set_num_threads(1)  # two ranks on a 2-core machine
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
@@ -76,7 +87,7 @@ def _worker(rank: int, init_method: str, shapes, n: int, rounds: int, out: str) 
 
         def hook(state, bucket):
             if counting["on"]:
-                sent[side] += bucket.buffer().numel() * bucket.buffer().element_size()
+                sent[side] += _ring_bytes("all_reduce", bucket.buffer())
             return default_hooks.allreduce_hook(None, bucket)  # DDP's own reduction, counted
 
         ddp.register_comm_hook(None, hook)
@@ -95,32 +106,38 @@ def _worker(rank: int, init_method: str, shapes, n: int, rounds: int, out: str) 
 
         return window, opt, model
 
-    def fa_side():
+    def fa_side(side: str, shard: bool):
         model = Probe(init, scales)
         opt = fa.AdamW(model.parameters(), lr=1e-3)
         acc = fa.GradAccumulator(opt, accumulation_steps=n, max_grad_norm=MAX_GRAD_NORM,
-                                 process_group=dist.group.WORLD)
-        real = dist.all_reduce
+                                 process_group=dist.group.WORLD, shard_optimizer_state=shard)
+        real = {"all_reduce": dist.all_reduce, "_reduce_scatter": fdp._reduce_scatter, "_all_gather": fdp._all_gather}
 
-        def counted(tensor, *a, **k):
-            if counting["on"]:
-                sent["process_group="] += tensor.numel() * tensor.element_size()
-            return real(tensor, *a, **k)
+        def counted(name, arg):  # arg: which argument is the whole buffer
+            def call(*a, **k):
+                if counting["on"]:
+                    sent[side] += _ring_bytes(name, a[arg])
+                return real[name](*a, **k)
+
+            return call
 
         def window():
-            dist.all_reduce = counted
+            dist.all_reduce = counted("all_reduce", 0)
+            fdp._reduce_scatter, fdp._all_gather = counted("_reduce_scatter", 1), counted("_all_gather", 0)
             try:
                 for k in range(n):
                     acc.backward(model(k))
                     acc.step()
             finally:
-                dist.all_reduce = real
+                dist.all_reduce, fdp._reduce_scatter, fdp._all_gather = real.values()
 
         window.keep = acc
         return window, opt, model
 
     windows, opts, models = {}, {}, {}
-    for side, make in zip(SIDES, (lambda: ddp_side(SIDES[0], False), lambda: ddp_side(SIDES[1], True), fa_side)):
+    makers = (lambda: ddp_side(SIDES[0], False), lambda: ddp_side(SIDES[1], True),
+              lambda: fa_side(SIDES[2], False), lambda: fa_side(SIDES[3], True))
+    for side, make in zip(SIDES, makers):
         windows[side], opts[side], models[side] = make()
     # One window each, counted: the bytes sent, and the check that all three computed the same.
     counting["on"] = True
@@ -142,6 +159,7 @@ def _worker(rank: int, init_method: str, shapes, n: int, rounds: int, out: str) 
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"times": times, "sent": sent, "state": {s: _state_bytes(opts[s]) for s in SIDES}}, f)
+    dist.barrier()  # rank 1 keeps its group until rank 0 has written
     dist.destroy_process_group()
 
 
@@ -162,15 +180,15 @@ def data_parallel_job(s: Settings) -> list[Row]:
             res = json.load(f)
     t = {side: statistics.median(v) for side, v in res["times"].items()}
     case = f"{WORLD} ranks (gloo), {n} micro-batches + AdamW + clip"
-    rows = [Row("data-parallel", layout.name, "fp32", fa.backends()["default"]["cpu"], case, side, SIDES[2],
-                t[side], t[SIDES[2]], layout.numel, None) for side in SIDES[:2]]
+    rows = [Row("data-parallel", layout.name, "fp32", fa.backends()["default"]["cpu"], case, side, fa_side,
+                t[side], t[fa_side], layout.numel, None) for fa_side in SIDES[2:] for side in SIDES[:2]]
     per_param = {side: res["sent"][side] / layout.numel for side in SIDES}
     state = {side: res["state"][side] / layout.numel for side in SIDES}
     s.notes.append(
-        "data-parallel: bytes handed to all-reduce per window and parameter: "
+        "data-parallel: bytes each rank sends per window and parameter (ring): "
         + ", ".join(f"{side} {per_param[side]:.2f}" for side in SIDES)
         + "; optimizer state per rank and parameter: "
         + ", ".join(f"{side} {state[side]:.2f} B" for side in SIDES)
-        + " (fp32; without sharding every rank keeps the whole state)"
+        + " (fp32 moments; ZeRO-1 keeps 1/world of them)"
     )
     return rows
