@@ -56,16 +56,27 @@ def test_bench_cli_writes_a_complete_run(tmp_path):
 
 
 def test_bench_data_parallel_section(tmp_path):
-    """Two gloo processes: DDP with and without no_sync against process_group=, plus the bytes sent."""
+    """Two gloo processes: DDP with and without no_sync against process_group= (whole and ZeRO-1), plus
+    the bytes sent and the optimizer state kept per rank."""
     argv = ["--device", "cpu", "--tiny", "--cases", "data-parallel", "--accumulation-steps", "2", "--out", str(tmp_path)]
     assert main(argv) == 0
     runs = [p for p in tmp_path.glob("*.json") if not p.name.startswith("latest-")]
     run = json.loads(runs[0].read_text())
     rows = run["rows"]
-    assert [r["standard"] for r in rows] == ["DDP, every micro-batch", "DDP + no_sync()"]
-    assert all(r["section"] == "data-parallel" and r["fused"] == "process_group=" and r["fused_s"] > 0 for r in rows)
+    assert [(r["standard"], r["fused"]) for r in rows] == [
+        (std, fused) for fused in ("process_group=", "process_group= + ZeRO-1")
+        for std in ("DDP, every micro-batch", "DDP + no_sync()")]
+    assert all(r["section"] == "data-parallel" and r["fused_s"] > 0 for r in rows)
     note = next(n for n in run["notes"] if n.startswith("data-parallel"))
-    # fp32, 2 micro-batches: DDP reduces 4 B per parameter per reduction; fusedaccum once per window.
-    sent = {side: float(x) for side, x in re.findall(r"(DDP, every micro-batch|DDP \+ no_sync\(\)|process_group=) ([\d.]+)[,;]", note)}
+    sides = r"(DDP, every micro-batch|DDP \+ no_sync\(\)|process_group= \+ ZeRO-1|process_group=) ([\d.]+)"
+    sent_part, state_part = note.split("optimizer state")
+    sent = {side: float(x) for side, x in re.findall(sides + r"[,;]", sent_part)}
+    state = {side: float(x) for side, x in re.findall(sides + r" B", state_part)}
+    # fp32, 2 ranks, 2 micro-batches, a ring: an all-reduce sends 4 B per parameter, DDP reduces on every
+    # micro-batch; reduce-scatter + all-gather send what one all-reduce does.
     assert sent["DDP, every micro-batch"] == 8.0 and sent["DDP + no_sync()"] == 4.0
+    assert 4.0 <= sent["process_group= + ZeRO-1"] < 4.1
+    # AdamW's two fp32 moments (8 B per parameter), half of them per rank with ZeRO-1 (+ the step counts).
+    assert state["DDP + no_sync()"] == 8.0 and 8.0 <= state["process_group="] < 8.1
+    assert 4.0 <= state["process_group= + ZeRO-1"] < 4.1
     assert 4.0 <= sent["process_group="] < 4.1, "the arena's alignment padding and the window's summary: a few elements"
