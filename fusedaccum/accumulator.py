@@ -561,12 +561,13 @@ class GradAccumulator:
                     views = [w.grad_views[i] for i, (t, t_last) in enumerate(zip(w.touched, w.touched_last)) if t and not t_last]
                     _add_squares(views, *self._stats[w.arena.device])
             else:
-                # The reduced gradient's (identical on every rank, so all clip and skip alike): one read pass.
+                # The reduced gradient's (identical on every rank, so all clip and skip alike; with
+                # ZeRO-1 this rank's pieces, summed across ranks below): one read pass.
                 for sumsq, found_inf in self._stats.values():
                     sumsq.zero_()
                     found_inf.zero_()
                 for w, t in zip(self._windows, touched):
-                    _add_squares(_reduced_views(w.arena, t), *self._stats[w.arena.device])
+                    _add_squares(w.arena.run_views(w.arena.grad, t), *self._stats[w.arena.device])
             devices = list(self._stats)
             sumsq = sum(self._stats[d][0].to(self.device) for d in devices)
             found_inf = torch.stack([self._stats[d][1].to(self.device) for d in devices]).amax()
@@ -599,12 +600,6 @@ class GradAccumulator:
         if self._dp is not None:
             self._dp.discard()
         self._reset_counts()
-
-
-def _reduced_views(arena: Arena, touched: list[bool]) -> list[torch.Tensor]:
-    """The slices of the reduced gradient this process measures: the runs of touched parameters,
-    or with ZeRO-1 their parts in this rank's shard (the rest was reduced on other ranks)."""
-    return [arena.grad[x:y] for a, b in arena.runs(touched) for x, y, _ in arena.pieces(*arena.range_of(a, b))]
 
 
 def _add_squares(tensors: list[torch.Tensor], sumsq: torch.Tensor, found_inf: torch.Tensor | None) -> None:

@@ -282,8 +282,9 @@ class Arena:
         return self.offsets[a], self.offsets[b - 1] + self.numels[b - 1]
 
     def run_views(self, flat: torch.Tensor, touched: list[bool]) -> list[torch.Tensor]:
-        """The slices of `flat` that the runs of touched parameters cover."""
-        return [flat[slice(*self.range_of(a, b))] for a, b in self.runs(touched)]
+        """The slices of `flat` that the runs of touched parameters cover, where this process
+        keeps their state (all of them, unless ZeRO-1 sharded the arena)."""
+        return [flat[x:y] for a, b in self.runs(touched) for x, y, _ in self.pieces(*self.range_of(a, b))]
 
 
 def build_arenas(param_groups: list[dict], master_weights: bool | str, start: int = 0) -> list[Arena]:

@@ -105,7 +105,7 @@ class FusedOptimizer:
                 loss = closure()
         if self._accumulator is not None:
             self._accumulator._optimizer_step()
-        elif any(a.sharded for a in self._arenas):
+        elif self._sharded:
             raise RuntimeError(
                 f"this {type(self).__name__}'s state is sharded across ranks (GradAccumulator(..., "
                 f"shard_optimizer_state=True)), and its accumulator was replaced or dropped: each rank would step "
@@ -115,6 +115,11 @@ class FusedOptimizer:
         else:
             self._fused_step(self._reconcile(), *self._grad_scaler_inputs())
         return loss
+
+    @property
+    def _sharded(self) -> bool:
+        """ZeRO-1: this process keeps only its share of the state (fusedaccum/distributed.py)."""
+        return any(a.sharded for a in self._arenas)
 
     def _grad_scaler_inputs(self) -> tuple[dict, dict]:
         """(factor, found_inf) per device from torch.amp.GradScaler.step, if it is calling: the
@@ -159,7 +164,7 @@ class FusedOptimizer:
                 if published is None:
                     if not entry:
                         continue  # no state yet, none set by hand
-                elif all(map(operator.is_, map((entry or {}).get, published), published.values())):
+                elif _shows(entry, published):
                     continue  # optimizer.state[p] is what the arena published: nothing to do
                 if published is not None and not entry:
                     arena.reset_state(i)  # state cleared by hand: start over, as torch.optim would
@@ -223,7 +228,7 @@ class FusedOptimizer:
             names = self._state_names_for(self.param_groups[arena.group_index])
             for i, (published, p) in enumerate(zip(arena.published, arena.params)):
                 entry = self.state.get(p)
-                if published is not None and entry and all(entry.get(k) is v for k, v in published.items()):
+                if published is not None and entry and _shows(entry, published):
                     self._publish(arena, i, names)
 
     def _gather_grads(self, arena: Arena) -> list[bool]:
@@ -275,7 +280,7 @@ class FusedOptimizer:
         saved as the fp32 `master_param` it makes with the parameter, so checkpoints load into
         master_weights=True (and back) and torch.optim ignores the key."""
         saved = super().state_dict()
-        if any(a.sharded for a in self._arenas):
+        if self._sharded:
             return {**saved, "state": self._gathered_state(saved["state"])}
         if self.master_weights != "remainder":
             return saved
@@ -333,7 +338,7 @@ class FusedOptimizer:
             self._loading = None
 
     def __getstate__(self) -> dict:
-        if any(a.sharded for a in self._arenas):
+        if self._sharded:
             # optimizer.state holds the step only: a copy would start the moments over.
             raise RuntimeError(
                 f"this {type(self).__name__}'s state is sharded across ranks (shard_optimizer_state=True) and cannot "
@@ -369,6 +374,11 @@ class FusedOptimizer:
                 if key != "step" and torch.is_tensor(value) and torch.is_tensor(entry.get(key)):
                     if value.dtype != entry[key].dtype:
                         entry[key] = value.to(p.device)
+
+
+def _shows(entry: dict | None, published: dict) -> bool:
+    """Whether optimizer.state[p] (`entry`) still holds every tensor the arena published for p."""
+    return all(map(operator.is_, map((entry or {}).get, published), published.values()))
 
 
 _ONES: dict[torch.device, torch.Tensor] = {}
