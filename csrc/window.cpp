@@ -24,6 +24,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -84,6 +85,7 @@ class Window : public std::enable_shared_from_this<Window> {
     for (const at::Tensor& p : params_) data_ptrs_.push_back(p.data_ptr());
     touched_.assign(n, 0);
     touched_last_.assign(n, 0);
+    fused_now_.assign(n, 0);
     hooked_.assign(n, 0);
     nodes_.resize(n);
     hook_keys_.assign(n, 0);
@@ -170,13 +172,22 @@ class Window : public std::enable_shared_from_this<Window> {
     stats_now_ = stats_now;
     in_backward_ = in_backward;
     native_ = native;
+    std::fill(fused_now_.begin(), fused_now_.end(), 0);
   }
 
   void on_grad(int64_t i) {
     std::lock_guard<std::mutex> lock(mutex_);
     at::Tensor& p = params_[i];
     const at::Tensor& g = p.grad();
-    if (!g.defined()) return;
+    const bool written = fused_now_[i];
+    fused_now_[i] = 0;
+    if (!g.defined()) {
+      // The engine runs a parameter's AccumulateGrad node once per backward, after every
+      // contribution to it, even when none returned a gradient: for a parameter that only fused
+      // layers wrote, this is the moment its gradient is complete (data parallel counts it).
+      if (written) notify({i});
+      return;
+    }
     if (p.data_ptr() != data_ptrs_[i] || p.scalar_type() != dtype_) fail("param", i, false);
     if (g.layout() != at::kStrided) fail("sparse", i, true);
     if (!full_) {
@@ -196,6 +207,29 @@ class Window : public std::enable_shared_from_this<Window> {
     const int64_t b = bucket_of_[i];
     pending_[b].emplace_back(i, std::move(taken));
     if (static_cast<int64_t>(pending_[b].size()) == bucket_size_[b]) flush(b);
+  }
+
+  // A fused layer (fusedaccum/modules.py) is about to write parameter i's gradient straight
+  // into its slice of the arena: returns (whether it is the window's first contribution, so the
+  // write overwrites; the fold scale). The parameter then steps, as if a gradient were folded.
+  // The last micro-batch's norm cannot come from a kernel that writes without measuring, so the
+  // parameter leaves the set measured by folds (touched_last) and the boundary's read pass
+  // measures its final value; a square already counted by a fold of this micro-batch leaves the
+  // sum first.
+  std::tuple<bool, double> claim(int64_t i) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    TORCH_CHECK(full_ && i >= 0 && i < static_cast<int64_t>(params_.size()), "Window.claim: not a full-path parameter");
+    if (!in_backward_) fail("outside_backward", i, false);
+    const bool first = !touched_[i];
+    if (stats_now_ && touched_last_[i]) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const at::Tensor old = grad_.narrow(0, offsets_[i], params_[i].numel());
+      sumsq_.sub_(old.to(at::kDouble).square().sum().to(at::kFloat));
+    }
+    touched_[i] = 1;
+    touched_last_[i] = 0;
+    fused_now_[i] = 1;
+    return {first, scale_};
   }
 
   void flush_all() {
@@ -261,6 +295,7 @@ class Window : public std::enable_shared_from_this<Window> {
     std::lock_guard<std::mutex> lock(mutex_);
     std::fill(touched_.begin(), touched_.end(), 0);
     std::fill(touched_last_.begin(), touched_last_.end(), 0);
+    std::fill(fused_now_.begin(), fused_now_.end(), 0);
     for (auto& p : pending_) p.clear();
     deferred_.clear();
     deferred_signalled_ = false;
@@ -369,9 +404,14 @@ class Window : public std::enable_shared_from_this<Window> {
     if (has_listener_) {
       std::vector<int64_t> indices;
       for (const Item& it : items) indices.push_back(it.first);
-      py::gil_scoped_acquire gil;
-      fold_listener_(indices);
+      notify(indices);
     }
+  }
+
+  void notify(const std::vector<int64_t>& indices) {
+    if (!has_listener_) return;
+    py::gil_scoped_acquire gil;
+    fold_listener_(indices);
   }
 
   at::Tensor grad_;
@@ -387,7 +427,8 @@ class Window : public std::enable_shared_from_this<Window> {
   c10::TypedOperatorHandle<AccumulateFn> native_op_, public_op_;
 
   std::mutex mutex_;
-  std::vector<char> touched_, touched_last_, hooked_;
+  // fused_now_: claimed by a fused layer in this backward, its AccumulateGrad node not run yet.
+  std::vector<char> touched_, touched_last_, fused_now_, hooked_;
   std::vector<NodePtr> nodes_;
   std::optional<c10::Stream> stream_;  // the stream every node in nodes_ records, when known
   std::vector<uintptr_t> hook_keys_;
@@ -429,6 +470,7 @@ void bind_window(py::module_& m) {
       .def("remove_hooks", &Window::remove_hooks, R())
       .def("follow_current_stream", &Window::follow_current_stream, R())
       .def("set_mode", &Window::set_mode, R())
+      .def("claim", &Window::claim, R())
       .def("flush_all", &Window::flush_all, R())
       .def("fold_deferred", &Window::fold_deferred, R())
       .def("fold_grads", &Window::fold_grads, R())

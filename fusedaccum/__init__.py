@@ -10,7 +10,10 @@
 from fusedaccum import ops  # noqa: F401  (registers the fusedaccum:: ops)
 from fusedaccum.accumulator import GradAccumulator
 from fusedaccum.dispatch import backends, set_backend
+from fusedaccum.modules import Embedding, Linear, fuse_modules
 from fusedaccum.optim import SGD, Adam, AdamW, Lion
 
 __version__ = "0.1.0"
-__all__ = ["SGD", "Adam", "AdamW", "Lion", "GradAccumulator", "backends", "set_backend"]
+__all__ = [
+    "SGD", "Adam", "AdamW", "Lion", "GradAccumulator", "backends", "set_backend", "Linear", "Embedding", "fuse_modules",
+]

@@ -31,7 +31,7 @@ import weakref
 
 import torch
 
-from fusedaccum import dispatch
+from fusedaccum import dispatch, modules
 from fusedaccum.arena import Arena
 from fusedaccum.ops.accumulate import DENSE_ONLY
 from fusedaccum.optim import FusedOptimizer
@@ -384,6 +384,8 @@ class GradAccumulator:
             self._windows.append(w)
             self._window_of[id(arena)] = w
             w.hook_all()
+            if self.full:
+                modules.register(self, len(self._windows) - 1, w)  # fa.Linear / fa.Embedding write into it
         if self._process_group is not None:
             from fusedaccum.distributed import DataParallel
 
@@ -411,6 +413,7 @@ class GradAccumulator:
     def _detach(self) -> None:
         """Takes this accumulator's hooks off the parameters; it can no longer be used."""
         _remove_hooks(self._windows)
+        modules.unregister(self)
         self._detached = True
         if self.optimizer._accumulator is self:
             self.optimizer._accumulator = None

@@ -33,6 +33,37 @@ def accumulate(arena, grads, offsets, scale, first, sumsq, found_inf) -> None:
         add_sum_of_squares(torch.cat(written), sumsq, found_inf)
 
 
+
+def linear_weight_grad(arena, offset, grad_output, input, scale, first) -> None:
+    """W = (first ? 0 : W) + scale * grad_output^T @ input, through an fp32 GEMM (addmm: beta = 0
+    ignores what W held, NaNs included)."""
+    out_features, in_features = grad_output.shape[1], input.shape[1]
+    dst = arena[offset : offset + out_features * in_features].view(out_features, in_features)
+    acc = dst if dst.dtype == torch.float32 else dst.float()
+    torch.addmm(acc, grad_output.t().float(), input.float(), beta=0 if first else 1, alpha=scale, out=acc)
+    if acc is not dst:
+        dst.copy_(acc)
+
+
+def embedding_weight_grad(arena, offset, indices, grad_output, num_weights, padding_idx, scale_grad_by_freq, scale, first) -> None:
+    """Rows only: the touched rows' fp32 sums, added once each (zeroing the table first when first).
+    torch.unique sizes its output from the data: a host sync on a GPU, unlike the other references."""
+    dim = grad_output.shape[1]
+    dst = arena[offset : offset + num_weights * dim].view(num_weights, dim)
+    if first:
+        dst.zero_()
+    if indices.numel() == 0 or dim == 0:
+        return
+    rows, inverse, counts = torch.unique(indices.long(), return_inverse=True, return_counts=True)
+    # index_add_ adds in row order on a CPU (deterministic); on a GPU it uses atomics.
+    sums = torch.zeros(rows.numel(), dim, dtype=torch.float32, device=dst.device)
+    sums.index_add_(0, inverse, grad_output.float())
+    if scale_grad_by_freq:
+        sums /= counts.unsqueeze(1).float()
+    keep = rows != padding_idx
+    rows, sums = rows[keep], sums[keep]
+    dst[rows] = (dst[rows].float() + sums * scale).to(dst.dtype)
+
 def merge_remainder(hi: torch.Tensor, rem: torch.Tensor) -> torch.Tensor:
     """The fp32 master that a bf16 tensor and its int16 remainder are (csrc/elementwise.h).
 

@@ -108,4 +108,11 @@ def check_scalar(t: torch.Tensor | None, what: str, like: torch.Tensor) -> None:
     expect(t.device == like.device, f"{what} is on {t.device} but the arena is on {like.device}")
 
 
-from fusedaccum.ops import accumulate, adam_step, lion_step, sgd_step  # noqa: E402,F401  (registers the ops)
+from fusedaccum.ops import (  # noqa: E402,F401  (registers the ops)
+    accumulate,
+    adam_step,
+    embedding_weight_grad,
+    lion_step,
+    linear_weight_grad,
+    sgd_step,
+)
