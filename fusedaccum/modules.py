@@ -21,7 +21,8 @@ transient tensor. `first` and the fold scale come from the accumulator's Window 
 same bookkeeping as its folds: a weight that also gets ordinary gradients (an LM head tied to
 the embedding through F.linear) lands in the one slice, the first contribution overwriting,
 in any order. Everywhere else (no accumulator, a swap-in accumulator, a torch.optim
-optimizer, torch.no_grad) the forward is torch's own and so is the gradient.
+optimizer, torch.no_grad, inside torch.compile) the forward is torch's own and so is the
+gradient.
 """
 from __future__ import annotations
 
@@ -65,7 +66,10 @@ def _slot_of(param: torch.Tensor | None):
 
 
 def _fusing(param: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and _slot_of(param) is not None
+    # Under torch.compile the layer traces as torch's own (fullgraph works; the weight gradient
+    # takes the accumulator's hook path): the claim is bookkeeping on the host that a compiled
+    # backward graph cannot call.
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and _slot_of(param) is not None
 
 
 def _claim(slot):

@@ -12,6 +12,8 @@ group, and leaves its results in files; the tests then compare:
 * a non-finite gradient on one rank: every rank skips the window, the parameters stay bit-identical;
 * collectives: one all-reduce per bucket plus the window's summary, none before the last micro-batch;
 * a checkpoint in the middle of a window and one between the last backward and the step resume exactly;
+* fused modules (fa.fuse_modules): a fused model matches the same references, and its buckets are
+  reduced during the last backward as their fused writes complete;
 * ZeRO-1 (shard_optimizer_state=True) runs every case above too, and: one reduce-scatter and one
   all-gather per bucket, each rank keeping about 1/world of the optimizer state; its state_dict is
   the unsharded run's, and loads into torch.optim and into a single-process fusedaccum optimizer.
@@ -67,21 +69,25 @@ class Case:
     groups: bool = False  # two param groups (biases without weight decay): several arenas, several bucket runs
     master: bool | str = True  # bf16: master_weights (True: an fp32 master; "remainder": broadcast and stepped too)
     shard: bool = False  # ZeRO-1: shard_optimizer_state=True
+    fused: bool = False  # fa.fuse_modules(model): the Linear weight gradients written straight into the arena
 
     @property
     def id(self) -> str:
         return (f"{self.opt}-{'clip' if self.clip else 'noclip'}-{self.dtype}" + ("-2groups" if self.groups else "")
-                + ("-remainder" if self.master == "remainder" else "") + ("-zero1" if self.shard else ""))
+                + ("-remainder" if self.master == "remainder" else "") + ("-zero1" if self.shard else "")
+                + ("-fused" if self.fused else ""))
 
     @property
-    def ref_id(self) -> str:  # the DDP reference does not shard
-        return replace(self, shard=False).id
+    def ref_id(self) -> str:  # the DDP reference does not shard or fuse
+        return replace(self, shard=False, fused=False).id
 
 
 UNSHARDED = ([Case(o, c) for o in ("AdamW", "Adam", "SGD", "Lion") for c in (False, True)]
              + [Case("AdamW", True, "bf16"), Case("AdamW", True, "bf16", master="remainder"),
                 Case("AdamW", True, groups=True)])
-CASES = UNSHARDED + [replace(c, shard=True) for c in UNSHARDED]
+FUSED = [Case("AdamW", True, fused=True), Case("AdamW", True, shard=True, fused=True),
+         Case("AdamW", True, "bf16", fused=True), Case("AdamW", True, groups=True, fused=True)]
+CASES = UNSHARDED + [replace(c, shard=True) for c in UNSHARDED] + FUSED
 
 
 class _Net(nn.Module):
@@ -171,6 +177,8 @@ class _null:
 def _fa(case: Case, rank: int, pg):
     dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
     model = _model(rank, dtype)
+    if case.fused:
+        fa.fuse_modules(model)
     acc = fa.GradAccumulator(_opt(fa, case, model.parameters()), accumulation_steps=MICRO,
                              max_grad_norm=CLIP if case.clip else None, process_group=pg,
                              shard_optimizer_state=case.shard, **BUCKETS)
@@ -305,6 +313,29 @@ def _fa_count(rank: int, shard: bool, pg):
     finally:
         dist.all_reduce, fdp._reduce_scatter, fdp._all_gather = real.values()
     return {"log": log, "buckets": len(acc._dp.buckets)}
+
+
+def _fa_ready(rank: int, fused: bool, pg):
+    """How many buckets were reduced before the last backward ended: with every parameter used, all of
+    them (a bucket starts when its last parameter's gradient is in, fused writes counted as folds)."""
+    model = _model(rank)
+    if fused:
+        fa.fuse_modules(model)
+    acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, process_group=pg,
+                             **BUCKETS)
+    dp, seen = acc._dp, []
+    real = dp.end_of_backward
+
+    def end_of_backward(items):
+        seen.append(dp.next_launch)
+        real(items)
+
+    dp.end_of_backward = end_of_backward
+    for m in range(MICRO):
+        x, y = _batch(rank, 0, m)
+        acc.backward(F.mse_loss(model(x), y))
+        acc.step()
+    return {"launched_in_backward": seen, "buckets": len(dp.buckets)}
 
 
 def _build_adamw(rank: int, pg, shard: bool = False):
@@ -457,6 +488,8 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str, backends: lis
             run((b, "resume-mid" + z), b, _fa_resume, rank, False, shard)
             run((b, "resume-reduced" + z), b, _fa_resume, rank, True, shard)
         run((b, "zero1-checkpoint"), b, _fa_zero1_checkpoint, rank)
+        for fused in (False, True):
+            run((b, "ready" + "-fused" * fused), b, _fa_ready, rank, fused)
         run((b, "mismatch"), b, _fa_mismatch, rank)
     dist.destroy_process_group()
 
@@ -570,6 +603,14 @@ def test_one_reduction_per_bucket_and_none_before_the_last_micro_batch(shard, de
             want = {k: w * (last_backward[k] + at_step[k]) + last * (last_backward[k] + (kind == "step") * at_step[k])
                     for k in counts}
             assert counts == want, f"rank {rank}: after {kind} of window {w} micro-batch {m}: {counts}; want {want}"
+
+
+@pytest.mark.parametrize("fused", ["", "-fused"], ids=["hooks", "fused"])
+def test_buckets_are_reduced_as_their_gradients_complete(fused, device_backend, spawned):
+    b = _backend(device_backend)
+    for rank, res in enumerate(_results(spawned, (b, "ready" + fused))):
+        assert res["buckets"] >= 3
+        assert res["launched_in_backward"] == [res["buckets"]], f"rank {rank}: {res}"
 
 
 @pytest.mark.parametrize("z", ["", "-zero1"], ids=["whole", "zero1"])

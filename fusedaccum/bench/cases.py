@@ -36,7 +36,7 @@ from fusedaccum.bench.timing import Clock
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_GRAD_NORM = 1.0
 PRECISION_MICRO_BATCHES = 16
-SECTIONS = ("accumulate", "boundary", "window", "sweep", "end-to-end", "host", "data-parallel")
+SECTIONS = ("accumulate", "boundary", "window", "sweep", "end-to-end", "host", "data-parallel", "fused-modules")
 
 # -- floors (DESIGN.md, bytes per parameter) ----------------------------------------------
 
@@ -843,6 +843,12 @@ def plan(s: Settings, sections: list[str]) -> list[Job]:
     if "end-to-end" in sections:
         for model_name in ("seed", "transformer-lm"):
             jobs.append(Job(f"end-to-end {model_name}", functools.partial(end_to_end_job, s, model_name)))
+    if "fused-modules" in sections:
+        from fusedaccum.bench import fused_modules
+
+        jobs.append(Job("fused-modules LM", functools.partial(fused_modules.lm_job, s)))
+        for vocab in (2048, 8192) if s.scale == "tiny" else (32768, 131072):
+            jobs.append(Job(f"fused-modules embedding {vocab}", functools.partial(fused_modules.embedding_job, s, vocab)))
     if "data-parallel" in sections:
         if s.device.type == "cpu" and torch.distributed.is_available() and torch.distributed.is_gloo_available():
             from fusedaccum.bench.data_parallel import data_parallel_job

@@ -20,6 +20,7 @@ TABLE_SECTIONS = {
     "end-to-end": "5. End to end: optimizer steps per second",
     "host": "6. Host overhead: thousands of tiny gradients (the time is the host's, not the kernels')",
     "data-parallel": "7. Data parallel: 2 processes on gloo, whole window per rank",
+    "fused-modules": "8. Fused modules: gradients written straight into the arena (fa.fuse_modules)",
 }
 
 
@@ -133,7 +134,7 @@ def print_tables(run: dict) -> None:
         rows = [r for r in run["rows"] if r["section"] == section]
         if not rows:
             continue
-        header, cells = table_cells(rows, section in ("end-to-end", "host", "data-parallel"))
+        header, cells = table_cells(rows, section in ("end-to-end", "host", "data-parallel", "fused-modules"))
         if console is None:
             say("\n" + _plain_table(title, header, cells))
         else:
