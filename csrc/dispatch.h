@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -138,6 +139,55 @@ inline void check_accumulate_args(const at::Tensor& arena, at::TensorList grads,
     TORCH_CHECK(!t->has_value() || ((*t)->device() == device && (*t)->scalar_type() == at::kFloat && (*t)->numel() == 1),
                 "accumulate: sumsq and found_inf must be one-element float32 tensors on the arena's device");
   }
+}
+
+// True when a `rows` x `cols` block at `offset` fits in `size` elements, without forming
+// rows * cols (the Python check has big integers; an int64 product could wrap).
+inline bool block_fits(int64_t offset, int64_t rows, int64_t cols, int64_t size) {
+  if (offset < 0 || offset > size || rows < 0 || cols < 0) return false;
+  return rows == 0 || cols == 0 || rows <= (size - offset) / cols;
+}
+
+// Every argument check of fusedaccum/ops/linear_weight_grad.py, for the CPU and CUDA kernels
+// (the public op calls them without the Python checks, csrc/public_ops.cpp).
+inline void check_linear_weight_grad_args(const at::Tensor& arena, int64_t offset, const at::Tensor& grad_output,
+                                          const at::Tensor& input) {
+  TORCH_CHECK(arena.layout() == at::kStrided && arena.dim() == 1 && arena.is_contiguous() &&
+                  is_float_type(arena.scalar_type()),
+              "linear_weight_grad: the arena must be a flat contiguous float32/bfloat16/float16 tensor");
+  for (const at::Tensor* t : {&grad_output, &input}) {
+    TORCH_CHECK(t->layout() == at::kStrided && t->dim() == 2 && is_float_type(t->scalar_type()) &&
+                    t->device() == arena.device(),
+                "linear_weight_grad: grad_output and input must be dense 2-D float32/bfloat16/float16 tensors on "
+                "the arena's device");
+  }
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "linear_weight_grad: grad_output and input must have one dtype");
+  TORCH_CHECK(grad_output.size(0) == input.size(0), "linear_weight_grad: grad_output and input must have the same rows");
+  TORCH_CHECK(block_fits(offset, grad_output.size(1), input.size(1), arena.numel()),
+              "linear_weight_grad: the weight does not fit in the arena at offset ", offset);
+}
+
+// Every argument check of fusedaccum/ops/embedding_weight_grad.py, for the CPU and CUDA kernels.
+// The index values are not checked here (that would need their data: a host sync on a GPU).
+inline void check_embedding_weight_grad_args(const at::Tensor& arena, int64_t offset, const at::Tensor& indices,
+                                             const at::Tensor& grad_output, int64_t num_weights, int64_t padding_idx) {
+  TORCH_CHECK(arena.layout() == at::kStrided && arena.dim() == 1 && arena.is_contiguous() &&
+                  is_float_type(arena.scalar_type()),
+              "embedding_weight_grad: the arena must be a flat contiguous float32/bfloat16/float16 tensor");
+  TORCH_CHECK(indices.layout() == at::kStrided && indices.dim() == 1 &&
+                  (indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong) &&
+                  indices.device() == arena.device(),
+              "embedding_weight_grad: indices must be a 1-D int32 or int64 tensor on the arena's device");
+  TORCH_CHECK(grad_output.layout() == at::kStrided && grad_output.dim() == 2 &&
+                  is_float_type(grad_output.scalar_type()) && grad_output.device() == arena.device(),
+              "embedding_weight_grad: grad_output must be a dense 2-D float32/bfloat16/float16 tensor on the arena's "
+              "device");
+  TORCH_CHECK(indices.size(0) == grad_output.size(0), "embedding_weight_grad: one index per row of grad_output");
+  TORCH_CHECK(num_weights >= 0, "embedding_weight_grad: num_weights must be >= 0");
+  TORCH_CHECK(padding_idx >= -1 && padding_idx < std::max<int64_t>(num_weights, 1),
+              "embedding_weight_grad: padding_idx must be -1 (none) or a row of the table");
+  TORCH_CHECK(block_fits(offset, num_weights, grad_output.size(1), arena.numel()),
+              "embedding_weight_grad: the table does not fit in the arena at offset ", offset);
 }
 
 // Reads a one-element float tensor that lives on the CPU (step count, factor, flag).

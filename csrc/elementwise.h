@@ -28,6 +28,14 @@ C10_HOST_DEVICE inline float accumulate_element(float acc, float g, float scale,
   return first ? scale * g : acc + scale * g;
 }
 
+// One element of an embedding row's update (embedding_weight_grad): the row's fp32 sum over the
+// rows of grad_output that hit it, divided by their count under scale_grad_by_freq (count = 1
+// otherwise: an exact division), scaled, added to what the arena holds. On a window's first
+// contribution the table is zeroed beforehand, so old is 0 there, as in the reference.
+C10_HOST_DEVICE inline float embedding_row_element(float old, float sum, float scale, float count) {
+  return old + (sum / count) * scale;
+}
+
 // Step-wide Adam constants, computed once per launch from the (device-side) step count in
 // double precision, as torch.optim computes them in Python floats.
 struct AdamConstants {

@@ -11,7 +11,8 @@ namespace fusedaccum {
 torch::CppFunction public_op_kernel();
 
 // The ops whose CPU (and CUDA) kernel is public_op_kernel().
-inline constexpr const char* kPublicOps[] = {"accumulate", "adam_step", "sgd_step", "lion_step"};
+inline constexpr const char* kPublicOps[] = {"accumulate", "adam_step", "sgd_step", "lion_step",
+                                             "linear_weight_grad", "embedding_weight_grad"};
 
 // "" (the defaults), or the name fusedaccum.set_backend() forced.
 void set_forced_backend(const std::string& name);

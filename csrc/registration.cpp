@@ -22,4 +22,10 @@ TORCH_LIBRARY(fusedaccum_C, m) {
   m.def(
       "lion_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!)? param_copy, Tensor factor, "
       "Tensor? found_inf, float lr, float beta1, float beta2, float weight_decay, bool maximize) -> ()");
+  m.def(
+      "linear_weight_grad(Tensor(a!) arena, int offset, Tensor grad_output, Tensor input, float scale, "
+      "bool first) -> ()");
+  m.def(
+      "embedding_weight_grad(Tensor(a!) arena, int offset, Tensor indices, Tensor grad_output, int num_weights, "
+      "int padding_idx, bool scale_grad_by_freq, float scale, bool first) -> ()");
 }
