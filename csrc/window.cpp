@@ -86,6 +86,8 @@ class Window : public std::enable_shared_from_this<Window> {
     touched_.assign(n, 0);
     touched_last_.assign(n, 0);
     fused_now_.assign(n, 0);
+    zeroed_.assign(n, 0);
+    external_writer_.assign(n, 0);
     hooked_.assign(n, 0);
     nodes_.resize(n);
     hook_keys_.assign(n, 0);
@@ -181,6 +183,19 @@ class Window : public std::enable_shared_from_this<Window> {
     const at::Tensor& g = p.grad();
     const bool written = fused_now_[i];
     fused_now_[i] = 0;
+    if (external_ && g.defined() && added_to_main_grad(p)) {
+      // A layer wrote this gradient into p.main_grad itself (the Megatron-LM /
+      // TransformerEngine convention) and handed autograd a placeholder: drop it.
+      if (!in_backward_) fail("outside_backward", i, false);
+      external_writer_[i] = 1;  // from now on its slice is zeroed at every window's start
+      if (!touched_[i] && !zeroed_[i]) fail("stale_main_grad", i, false);
+      unmeasure(i);
+      touched_[i] = 1;
+      zeroed_[i] = 0;
+      p.mutable_grad() = at::Tensor();
+      notify({i});
+      return;
+    }
     if (!g.defined()) {
       // The engine runs a parameter's AccumulateGrad node once per backward, after every
       // contribution to it, even when none returned a gradient: for a parameter that only fused
@@ -221,15 +236,20 @@ class Window : public std::enable_shared_from_this<Window> {
     TORCH_CHECK(full_ && i >= 0 && i < static_cast<int64_t>(params_.size()), "Window.claim: not a full-path parameter");
     if (!in_backward_) fail("outside_backward", i, false);
     const bool first = !touched_[i];
-    if (stats_now_ && touched_last_[i]) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const at::Tensor old = grad_.narrow(0, offsets_[i], params_[i].numel());
-      sumsq_.sub_(old.to(at::kDouble).square().sum().to(at::kFloat));
-    }
+    unmeasure(i);
     touched_[i] = 1;
-    touched_last_[i] = 0;
+    zeroed_[i] = 0;
     fused_now_[i] = 1;
     return {first, scale_};
+  }
+
+  // Megatron-LM / TransformerEngine interop (GradAccumulator(..., main_grad=True)): Python
+  // points every p.main_grad at its slice and zeroes the arena once; such layers add into
+  // main_grad (beta = 1 always), so a slice they write must start each window at zero.
+  void set_external(bool on) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    external_ = on;
+    std::fill(zeroed_.begin(), zeroed_.end(), on ? 1 : 0);
   }
 
   void flush_all() {
@@ -293,6 +313,13 @@ class Window : public std::enable_shared_from_this<Window> {
 
   void restart() {
     std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (external_writer_[i] && (touched_[i] || !zeroed_[i])) {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        grad_.narrow(0, offsets_[i], params_[i].numel()).zero_();
+        zeroed_[i] = 1;
+      }
+    }
     std::fill(touched_.begin(), touched_.end(), 0);
     std::fill(touched_last_.begin(), touched_last_.end(), 0);
     std::fill(fused_now_.begin(), fused_now_.end(), 0);
@@ -400,12 +427,33 @@ class Window : public std::enable_shared_from_this<Window> {
     for (const Item& it : items) {
       touched_[it.first] = 1;
       touched_last_[it.first] = stats_now_;
+      zeroed_[it.first] = 0;
     }
     if (has_listener_) {
       std::vector<int64_t> indices;
       for (const Item& it : items) indices.push_back(it.first);
       notify(indices);
     }
+  }
+
+  // Parameter i's gradient was written without being measured: if a fold of this micro-batch
+  // counted its square, that leaves the sum, and the boundary's read pass measures it instead.
+  void unmeasure(int64_t i) {
+    if (stats_now_ && touched_last_[i]) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const at::Tensor old = grad_.narrow(0, offsets_[i], params_[i].numel());
+      sumsq_.sub_(old.to(at::kDouble).square().sum().to(at::kFloat));
+    }
+    touched_last_[i] = 0;
+  }
+
+  // p.grad_added_to_main_grad, set to False again when it was True.
+  bool added_to_main_grad(const at::Tensor& p) {
+    py::gil_scoped_acquire gil;
+    py::object obj = py::cast(p);
+    if (!py::hasattr(obj, "grad_added_to_main_grad") || !obj.attr("grad_added_to_main_grad").cast<bool>()) return false;
+    obj.attr("grad_added_to_main_grad") = false;
+    return true;
   }
 
   void notify(const std::vector<int64_t>& indices) {
@@ -428,7 +476,10 @@ class Window : public std::enable_shared_from_this<Window> {
 
   std::mutex mutex_;
   // fused_now_: claimed by a fused layer in this backward, its AccumulateGrad node not run yet.
-  std::vector<char> touched_, touched_last_, fused_now_, hooked_;
+  // zeroed_: the slice holds zeros (no write since it was last zeroed); external_writer_: a
+  // layer has written this parameter's gradient through p.main_grad.
+  std::vector<char> touched_, touched_last_, fused_now_, zeroed_, external_writer_, hooked_;
+  bool external_ = false;
   std::vector<NodePtr> nodes_;
   std::optional<c10::Stream> stream_;  // the stream every node in nodes_ records, when known
   std::vector<uintptr_t> hook_keys_;
@@ -471,6 +522,7 @@ void bind_window(py::module_& m) {
       .def("follow_current_stream", &Window::follow_current_stream, R())
       .def("set_mode", &Window::set_mode, R())
       .def("claim", &Window::claim, R())
+      .def("set_external", &Window::set_external, R())
       .def("flush_all", &Window::flush_all, R())
       .def("fold_deferred", &Window::fold_deferred, R())
       .def("fold_grads", &Window::fold_grads, R())

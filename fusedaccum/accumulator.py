@@ -50,6 +50,13 @@ def _explain(arena: Arena, kind: str, i: int) -> str:
         return arena.param_error(i)
     if kind == "sparse":
         return f"a parameter got a {p.grad.layout} gradient; {DENSE_ONLY}"
+    if kind == "stale_main_grad":
+        return (
+            f"parameter {i} of param group {arena.group_index} got its gradient through p.main_grad "
+            f"(p.grad_added_to_main_grad=True) for the first time after an earlier window had filled its slice of the "
+            f"arena another way, so it was added to a stale gradient. Call acc.zero_grad() to start the window over: "
+            f"from then on its slice is zeroed at the start of every window"
+        )
     if kind == "grad":
         return (f"parameter {i} of param group {arena.group_index} got a {p.grad.dtype} gradient on {p.grad.device}; "
                 f"fusedaccum accumulates float32, bfloat16 and float16 gradients on the parameter's device ({arena.device})")
@@ -109,6 +116,7 @@ class GradAccumulator:
         process_group=None,
         shard_optimizer_state: bool = False,
         reduce_bucket_numel: int | None = None,
+        main_grad: bool = False,
     ):
         if not isinstance(optimizer, FusedOptimizer):
             raise TypeError(
@@ -142,6 +150,12 @@ class GradAccumulator:
                 "shard_optimizer_state=True shards the optimizer state across the ranks of a process group: pass "
                 "process_group=... too (dist.group.WORLD, or the data-parallel group)"
             )
+        if main_grad and not self.full:
+            raise ValueError(
+                "main_grad=True belongs to the full path (layers that write p.main_grad themselves, as Megatron-LM's "
+                "and TransformerEngine's do, need the window the full path keeps): pass accumulation_steps=N"
+            )
+        self._main_grad = bool(main_grad)
         self._bucket_numel = bucket_numel
         if self.full and not any(p.requires_grad for a in optimizer.arenas for p in a.params):
             raise ValueError("the optimizer has no parameter that requires grad: nothing to accumulate")
@@ -236,6 +250,11 @@ class GradAccumulator:
                 sumsq.zero_()
                 found_inf.zero_()
         self._fold_scale = 1.0 if uses_items else 1.0 / n
+        if self._main_grad and self._fold_scale != 1.0:
+            # Layers that add into p.main_grad themselves cannot apply 1/N: it goes into the loss,
+            # as in the standard loop, and every gradient arrives already scaled.
+            loss = loss * self._fold_scale
+            self._fold_scale = 1.0
         if self._scale is not None:
             loss = loss * self._scale
         reduce_now = last and self._dp is not None
@@ -349,6 +368,11 @@ class GradAccumulator:
                 w.restart()
                 w.arena.grad.copy_(grad)
                 w.set_touched(list(touched))
+                if self._main_grad:  # slices that p.main_grad writers add into start at zero
+                    for view, t in zip(w.grad_views, touched):
+                        if not t:
+                            view.zero_()
+                    w.set_external(True)
         if state["loss_scale"] is not None and self._scale is not None:
             self._scale.copy_(state["loss_scale"][0])
             self._growth_tracker.copy_(state["loss_scale"][1])
@@ -386,6 +410,8 @@ class GradAccumulator:
             w.hook_all()
             if self.full:
                 modules.register(self, len(self._windows) - 1, w)  # fa.Linear / fa.Embedding write into it
+            if self._main_grad:
+                modules.expose_main_grad(w)
         if self._process_group is not None:
             from fusedaccum.distributed import DataParallel
 
@@ -414,6 +440,9 @@ class GradAccumulator:
         """Takes this accumulator's hooks off the parameters; it can no longer be used."""
         _remove_hooks(self._windows)
         modules.unregister(self)
+        if self._main_grad:
+            for w in self._windows:
+                modules.hide_main_grad(w)
         self._detached = True
         if self.optimizer._accumulator is self:
             self.optimizer._accumulator = None

@@ -52,6 +52,28 @@ def unregister(accumulator) -> None:
                 del _slots[p]
 
 
+def expose_main_grad(window) -> None:
+    """GradAccumulator(..., main_grad=True): p.main_grad is p's slice of the arena, as Megatron-LM's
+    DistributedDataParallel sets it, so that layers written for that convention (TransformerEngine's
+    fuse_wgrad_accumulation, Megatron's gradient_accumulation_fusion) add their weight gradients into
+    the arena and flag it with p.grad_added_to_main_grad = True; the Window then drops the placeholder
+    gradient they return. Such layers always add (beta = 1), so the arena starts at zero here and a
+    slice they write is zeroed again at the start of every window."""
+    with torch.no_grad():
+        window.arena.grad.zero_()
+    for p, view in zip(window.arena.params, window.grad_views):
+        p.main_grad = view
+        p.grad_added_to_main_grad = False
+    window.set_external(True)
+
+
+def hide_main_grad(window) -> None:
+    for p, view in zip(window.arena.params, window.grad_views):
+        if getattr(p, "main_grad", None) is view:
+            del p.main_grad
+            del p.grad_added_to_main_grad
+
+
 def _slot_of(param: torch.Tensor | None):
     """(window, index, offset) when a live full-path accumulator takes param's gradient, else None."""
     if param is None or not param.requires_grad:

@@ -325,3 +325,85 @@ def test_torch_compile_fullgraph_traces_the_torch_modules():
         acc.backward(step(tokens))
         acc.step()
     assert_same_params(compiled_model, eager, 1e-5, "compiled")
+
+
+# -- p.main_grad: layers written for Megatron-LM / TransformerEngine write into the arena too -------
+
+
+class _MainGradLinear(torch.autograd.Function):
+    """What TransformerEngine's Linear(fuse_wgrad_accumulation=True) does in backward: add dW into
+    weight.main_grad (always beta = 1), set weight.grad_added_to_main_grad, and hand autograd a
+    placeholder gradient (TE's is torch.empty: garbage, NaN here)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        if hasattr(weight, "main_grad"):
+            weight.main_grad.view(weight.shape).add_(dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]))
+            weight.grad_added_to_main_grad = True
+            return dy @ weight, torch.full_like(weight, float("nan"))
+        return dy @ weight, dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+
+class MainGradNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(12, 8) * 0.3)
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(_MainGradLinear.apply(x, self.w)))
+
+
+def test_main_grad_writers_add_into_the_arena(device_backend):
+    """N = 3 over several windows, a clip: the same parameters as torch.optim."""
+    torch.manual_seed(11)
+    base = MainGradNet()
+    ref, got = copy.deepcopy(base), copy.deepcopy(base)
+    o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    acc = fa.GradAccumulator(fa.AdamW(got.parameters(), lr=1e-2), accumulation_steps=3, max_grad_norm=CLIP,
+                             main_grad=True)
+    assert got.w.main_grad.data_ptr() == acc._windows[0].grad_views[0].data_ptr()
+    g = torch.Generator().manual_seed(12)
+    norms = []
+    for k in range(9):
+        x, y = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 3, generator=g)
+        (F.mse_loss(ref(x), y) / 3).backward()
+        acc.backward(F.mse_loss(got(x), y))
+        if acc.step():
+            norms.append((float(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)), float(acc.grad_norm)))
+            o_ref.step()
+            o_ref.zero_grad()
+        assert got.w.grad is None and got.w.grad_added_to_main_grad is False
+    for want, have in norms:
+        assert have == pytest.approx(want, rel=1e-6)
+    assert_same_params(got, ref, 1e-6, "main_grad")
+    acc._detach()
+    assert not hasattr(got.w, "main_grad")
+
+
+def test_a_stale_slice_under_main_grad_is_an_error_until_zero_grad():
+    torch.manual_seed(13)
+    model = MainGradNet()
+    acc = fa.GradAccumulator(fa.AdamW(model.parameters()), accumulation_steps=1, main_grad=True)
+    x, y = torch.randn(4, 8), torch.randn(4, 3)
+    main_grad = model.w.main_grad
+    del model.w.main_grad  # the layer takes the ordinary path for a window: its slice is filled by a fold
+    acc.backward(F.mse_loss(model(x), y))
+    acc.step()
+    model.w.main_grad = main_grad
+    with pytest.raises(RuntimeError, match="acc.zero_grad"):
+        acc.backward(F.mse_loss(model(x), y))
+    acc.zero_grad()
+    acc.backward(F.mse_loss(model(x), y))
+    assert torch.isfinite(main_grad).all() and acc.step()
+
+
+def test_main_grad_needs_the_full_path():
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        fa.GradAccumulator(fa.AdamW(MainGradNet().parameters()), main_grad=True)
