@@ -54,7 +54,8 @@ LINEAR_LARGE = (512, 384, 256)
 def test_linear_weight_grad(device_backend, arena_dtype, input_dtype, first, transposed):
     device, backend = device_backend
     gen = torch.Generator().manual_seed(2)
-    shapes = LINEAR_SHAPES + ([] if interpreted(device, backend) else [LINEAR_LARGE])
+    # Triton's interpreter runs each program in numpy: the small shapes cover every masked edge there.
+    shapes = LINEAR_SHAPES[:-1] if interpreted(device, backend) else LINEAR_SHAPES + [LINEAR_LARGE]
     for rows, out_f, in_f in shapes:
         n = out_f * in_f
         dy = rand((rows, out_f), input_dtype, device, gen, transposed)
@@ -130,7 +131,7 @@ def embedding_exact(prev, indices, grad, padding_idx, freq, scale):
 def test_embedding_weight_grad(device_backend, arena_dtype, grad_dtype, first, options):
     device, backend = device_backend
     gen = torch.Generator().manual_seed(4)
-    shapes = EMBEDDING_SHAPES + ([] if interpreted(device, backend) else [EMBEDDING_LARGE])
+    shapes = EMBEDDING_SHAPES[:-1] if interpreted(device, backend) else EMBEDDING_SHAPES + [EMBEDDING_LARGE]
     for rows, num, dim in shapes:
         n = num * dim
         # Skewed indices: a few rows get most of the hits (as tokens do), some rows none.

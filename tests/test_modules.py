@@ -48,9 +48,9 @@ def lm_loss(model, tokens):
     return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 
-def batches(n, seed=0, rows=3, seq=9):
+def batches(n, seed=0, rows=3, seq=9, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (rows, seq), generator=g) for _ in range(n)]
+    return [torch.randint(0, VOCAB, (rows, seq), generator=g).to(device) for _ in range(n)]
 
 
 def run_torch(model, data, n):
@@ -91,9 +91,9 @@ def assert_same_params(got, want, rtol, what):
 def test_fused_equals_unfused_and_torch_optim(device_backend, n, tie):
     device, backend = device_backend
     torch.manual_seed(0)
-    base = TinyLM(tie=tie)
+    base = TinyLM(tie=tie).to(device)
     ref, unfused, fused = copy.deepcopy(base), copy.deepcopy(base), fa.fuse_modules(copy.deepcopy(base))
-    data = batches(3 * n)
+    data = batches(3 * n, device=device)
     want = run_torch(ref, data, n)
     assert run_fa(unfused, data, n) == pytest.approx(want, rel=1e-6)
     assert run_fa(fused, data, n) == pytest.approx(want, rel=1e-6)
@@ -103,13 +103,14 @@ def test_fused_equals_unfused_and_torch_optim(device_backend, n, tie):
 
 def test_the_weight_gradient_never_reaches_autograd(device_backend):
     """No AccumulateGrad work and no hook fold for the fused weights: the hooks see no p.grad."""
+    device, _ = device_backend
     torch.manual_seed(0)
-    model = fa.fuse_modules(TinyLM(tie=False))
+    model = fa.fuse_modules(TinyLM(tie=False).to(device))
     acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=1e-2), accumulation_steps=2)
     seen = []
     for p in model.parameters():
         p.register_hook(lambda g, seen=seen: seen.append(None if g is None else g.shape))
-    acc.backward(lm_loss(model, batches(1)[0]))
+    acc.backward(lm_loss(model, batches(1, device=device)[0]))
     made = [s for s in seen if s is not None]
     assert made == [], f"autograd produced gradients of shapes {made}"
     assert all(p.grad is None for p in model.parameters())
@@ -140,8 +141,9 @@ def test_without_a_full_path_accumulator_the_modules_are_torchs():
 
 
 def test_fuse_modules_keeps_parameters_keys_and_works_after_the_optimizer(device_backend):
+    device, _ = device_backend
     torch.manual_seed(0)
-    base = TinyLM()
+    base = TinyLM().to(device)
     early = fa.fuse_modules(copy.deepcopy(base))
     late = copy.deepcopy(base)
     params_before = list(late.parameters())
@@ -150,7 +152,7 @@ def test_fuse_modules_keeps_parameters_keys_and_works_after_the_optimizer(device
     assert list(late.parameters()) == params_before
     assert isinstance(late.up, fa.Linear) and isinstance(late.up, nn.Linear) and isinstance(late.emb, fa.Embedding)
     assert list(late.state_dict()) == list(base.state_dict())
-    data = batches(4)
+    data = batches(4, device=device)
     run_fa(late, data, 2, acc=acc)
     run_fa(early, data, 2)
     assert_same_params(late, early, 0, "fused after the optimizer")
@@ -158,17 +160,18 @@ def test_fuse_modules_keeps_parameters_keys_and_works_after_the_optimizer(device
 
 def test_fp32_three_d_input_and_embedding_options(device_backend):
     """padding_idx, scale_grad_by_freq and max_norm as in torch; a 3-D input to a Linear."""
+    device, _ = device_backend
     torch.manual_seed(1)
     emb = nn.Embedding(30, 8, padding_idx=3, scale_grad_by_freq=True, max_norm=1.5)
     lin = nn.Linear(8, 5)
-    base = nn.Sequential(emb, lin)
+    base = nn.Sequential(emb, lin).to(device)
     ref, fused = copy.deepcopy(base), fa.fuse_modules(copy.deepcopy(base))
     o_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     acc = fa.GradAccumulator(fa.SGD(fused.parameters(), lr=0.1, momentum=0.9), accumulation_steps=3)
     g = torch.Generator().manual_seed(2)
     for k in range(6):
-        tokens = torch.randint(0, 10, (2, 4, 5), generator=g)  # few distinct rows, repeats, the padding row
-        target = torch.randn(2, 4, 5, 5, generator=g)
+        tokens = torch.randint(0, 10, (2, 4, 5), generator=g).to(device)  # few distinct rows, repeats, the padding row
+        target = torch.randn(2, 4, 5, 5, generator=g).to(device)
         (F.mse_loss(ref(tokens), target) / 3).backward()
         acc.backward(F.mse_loss(fused(tokens), target))
         acc.step()
@@ -219,16 +222,17 @@ def test_bf16_master_weights_fused_equals_unfused_within_bf16():
         assert (p.float() - q.float()).abs().max() <= 2 * ulp
 
 
-def test_autocast_bf16_on_cpu(device_backend):
+def test_autocast_bf16(device_backend):
     """Under autocast the fused Linear casts as F.linear does; its weight gradient is fp32-accumulated."""
+    device, _ = device_backend
     torch.manual_seed(6)
-    base = TinyLM()
+    base = TinyLM().to(device)
     unfused, fused = copy.deepcopy(base), fa.fuse_modules(copy.deepcopy(base))
-    tokens = batches(1)[0]
+    tokens = batches(1, device=device)[0]
     grads = []
     for m in (unfused, fused):
         acc = fa.GradAccumulator(fa.AdamW(m.parameters()), accumulation_steps=2)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = m(tokens)
             assert out.dtype == torch.bfloat16
             loss = F.cross_entropy(out.flatten(0, 1).float(), tokens.flatten())
@@ -239,11 +243,12 @@ def test_autocast_bf16_on_cpu(device_backend):
 
 
 def test_non_finite_gradient_in_a_fused_layer_skips_the_window(device_backend):
+    device, _ = device_backend
     torch.manual_seed(7)
-    model = fa.fuse_modules(TinyLM())
+    model = fa.fuse_modules(TinyLM().to(device))
     acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=1e-2), accumulation_steps=2, max_grad_norm=CLIP)
     before = [p.detach().clone() for p in model.parameters()]
-    tokens = batches(2)
+    tokens = batches(2, device=device)
     acc.backward(lm_loss(model, tokens[0]))
     acc.step()
     with torch.no_grad():
@@ -261,13 +266,14 @@ def model_index(model, param):
 
 def test_num_items_and_loss_scale(device_backend):
     """Sum losses with num_items and a dynamic loss scale: fused = unfused."""
+    device, _ = device_backend
     torch.manual_seed(8)
-    base = TinyLM()
+    base = TinyLM().to(device)
     results = []
     for m in (copy.deepcopy(base), fa.fuse_modules(copy.deepcopy(base))):
         acc = fa.GradAccumulator(fa.AdamW(m.parameters(), lr=1e-2), accumulation_steps=3, loss_scale="dynamic",
                                  max_grad_norm=CLIP)
-        for tokens in [batches(1, seed=k, rows=2 + k % 3)[0] for k in range(6)]:  # windows of uneven sizes
+        for tokens in [batches(1, seed=k, rows=2 + k % 3, device=device)[0] for k in range(6)]:  # windows of uneven sizes
             logits = m(tokens[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
             acc.backward(loss, num_items=tokens[:, 1:].numel())
@@ -277,9 +283,10 @@ def test_num_items_and_loss_scale(device_backend):
 
 
 def test_resume_mid_window_and_zero_grad(device_backend):
+    device, _ = device_backend
     torch.manual_seed(9)
-    base = TinyLM()
-    data = batches(8)
+    base = TinyLM().to(device)
+    data = batches(8, device=device)
     straight = fa.fuse_modules(copy.deepcopy(base))
     run_fa(straight, data, 4)
 
@@ -362,8 +369,9 @@ class MainGradNet(nn.Module):
 
 def test_main_grad_writers_add_into_the_arena(device_backend):
     """N = 3 over several windows, a clip: the same parameters as torch.optim."""
+    device, _ = device_backend
     torch.manual_seed(11)
-    base = MainGradNet()
+    base = MainGradNet().to(device)
     ref, got = copy.deepcopy(base), copy.deepcopy(base)
     o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     acc = fa.GradAccumulator(fa.AdamW(got.parameters(), lr=1e-2), accumulation_steps=3, max_grad_norm=CLIP,
@@ -372,7 +380,7 @@ def test_main_grad_writers_add_into_the_arena(device_backend):
     g = torch.Generator().manual_seed(12)
     norms = []
     for k in range(9):
-        x, y = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 3, generator=g)
+        x, y = torch.randn(2, 5, 8, generator=g).to(device), torch.randn(2, 5, 3, generator=g).to(device)
         (F.mse_loss(ref(x), y) / 3).backward()
         acc.backward(F.mse_loss(got(x), y))
         if acc.step():
