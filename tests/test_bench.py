@@ -80,3 +80,28 @@ def test_bench_data_parallel_section(tmp_path):
     assert state["DDP + no_sync()"] == 8.0 and 8.0 <= state["process_group="] < 8.1
     assert 4.0 <= state["process_group= + ZeRO-1"] < 4.1
     assert 4.0 <= sent["process_group="] < 4.1, "the arena's alignment padding and the window's summary: a few elements"
+
+
+def test_bench_fused_modules_section(tmp_path):
+    """The tied LM three ways (standard, full path, fused modules) and the embedding backward alone,
+    with the window memory per side and the boundary read pass's cost."""
+    argv = ["--device", "cpu", "--tiny", "--cases", "fused-modules", "--accumulation-steps", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    runs = [p for p in tmp_path.glob("*.json") if not p.name.startswith("latest-")]
+    run = json.loads(runs[0].read_text())
+    assert not run.get("errors")
+    rows = run["rows"]
+    backends = sorted({r["backend"] for r in rows})
+    lm = [r for r in rows if r["layout"].startswith("lm-")]
+    emb = [r for r in rows if r["layout"].startswith("embedding-")]
+    assert sorted(r["fused"] for r in lm) == sorted(["full path", "full path + fuse_modules"] * len(backends))
+    assert {r["layout"] for r in emb} == {"embedding-2k", "embedding-8k"}
+    assert all(r["section"] == "fused-modules" and r["fused_s"] > 0 and r["standard_s"] > 0 for r in rows)
+    memory = next(n for n in run["notes"] if "memory per window" in n)
+    per_side = dict(re.findall(r"(standard|full path \+ fuse_modules|full path) (?:\[\w+\] )?([\d.]+)", memory))
+    # The fused side's window needs no weight gradient tensors: less than the others, and at least the arena.
+    assert 4.0 <= float(per_side["full path + fuse_modules"]) < float(per_side["full path"])
+    assert float(per_side["full path + fuse_modules"]) < float(per_side["standard"])
+    assert any("read pass" in n for n in run["notes"])
+    moved = [n for n in run["notes"] if n.startswith("embedding backward")]
+    assert len(moved) == 2

@@ -846,7 +846,8 @@ def plan(s: Settings, sections: list[str]) -> list[Job]:
     if "fused-modules" in sections:
         from fusedaccum.bench import fused_modules
 
-        jobs.append(Job("fused-modules LM", functools.partial(fused_modules.lm_job, s)))
+        for batch in fused_modules.lm_batches(s.scale):
+            jobs.append(Job(f"fused-modules LM {batch} per micro-batch", functools.partial(fused_modules.lm_job, s, batch)))
         for vocab in (2048, 8192) if s.scale == "tiny" else (32768, 131072):
             jobs.append(Job(f"fused-modules embedding {vocab}", functools.partial(fused_modules.embedding_job, s, vocab)))
     if "data-parallel" in sections:
