@@ -492,3 +492,50 @@ def test_lightning_checkpoint_resume(tmp_path, bf16):
     assert path and os.path.exists(path)
     resumed = lightning_run(tiny_llama(seed=1), FA, samples, tmp_path / "resumed", epochs=2, bf16=bf16, ckpt_path=path)
     assert_same_params(straight, resumed.model, "resumed vs uninterrupted")
+
+
+# -- fused modules on a Hugging Face model ------------------------------------------------------
+
+
+def test_trainer_with_fused_modules_matches_torch(tmp_path):
+    """fa.fuse_modules on a model that HF Trainer drives (swap-in: loss.backward(), opt.step()):
+    the fused layers have no full-path accumulator, so they are torch's and nothing changes."""
+    samples = windows_of(3)
+    want = trainer_run(tiny_llama(), TORCH, samples, tmp_path, steps=3, clip=CLIP).model
+    got = trainer_run(fa.fuse_modules(tiny_llama()), FA, samples, tmp_path, steps=3, clip=CLIP).model
+    assert isinstance(got.lm_head, fa.Linear) and isinstance(got.model.embed_tokens, fa.Embedding)
+    assert_same_params(want, got)
+
+
+def test_fused_llama_full_path_matches_torch():
+    """A tiny Llama (embedding tied to the LM head, rotary attention, padded batches) with
+    fa.fuse_modules and the full path, num_items = the window's tokens (the exact mean over every
+    token of the window) and a clip, against torch.optim with the same mean written by hand."""
+    samples = windows_of(3)
+    batches = [torch.utils.data.default_collate(samples[i : i + BATCH]) for i in range(0, len(samples), BATCH)]
+    ref, got = tiny_llama(), fa.fuse_modules(tiny_llama())
+    assert got.lm_head.weight is got.model.embed_tokens.weight
+    opt = torch.optim.AdamW(ref.parameters(), **ADAMW)
+    acc = fa.GradAccumulator(fa.AdamW(got.parameters(), **ADAMW), accumulation_steps=GA, max_grad_norm=CLIP)
+
+    def loss_sum(model, b):
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+        tokens = int((b["labels"][:, 1:] != -100).sum())  # HF shifts the labels: the mean is over these
+        return out.loss * tokens, tokens
+
+    norms = []
+    for w in range(0, len(batches), GA):
+        window = batches[w : w + GA]
+        total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+        for b in window:
+            loss, _ = loss_sum(ref, b)
+            (loss / total).backward()
+            loss, n = loss_sum(got, b)
+            acc.backward(loss, num_items=n)
+            acc.step()
+        norms.append((float(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)), float(acc.grad_norm)))
+        opt.step()
+        opt.zero_grad()
+    for want, have in norms:
+        assert have == pytest.approx(want, rel=1e-5)
+    assert_same_params(ref, got, "fused Llama vs torch.optim")
