@@ -87,11 +87,15 @@ def _slot_of(param: torch.Tensor | None):
     return acc._windows[slot[1]], slot[2], slot[3]
 
 
-def _fusing(param: torch.Tensor) -> bool:
-    # Under torch.compile the layer traces as torch's own (fullgraph works; the weight gradient
-    # takes the accumulator's hook path): the claim is bookkeeping on the host that a compiled
-    # backward graph cannot call.
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and _slot_of(param) is not None
+def _fused_slot(param: torch.Tensor):
+    """The weight's slot when this forward's backward is to write into the arena, else None.
+
+    Under torch.compile the layer traces as torch's own (fullgraph works; the weight gradient
+    takes the accumulator's hook path): the claim is bookkeeping on the host that a compiled
+    backward graph cannot call."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    return _slot_of(param)
 
 
 def _claim(slot):
@@ -156,22 +160,22 @@ class Linear(nn.Linear):
     """nn.Linear whose weight gradient a full-path GradAccumulator receives straight in its arena."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not _fusing(self.weight):
+        slot = _fused_slot(self.weight)
+        if slot is None:
             return F.linear(input, self.weight, self.bias)
-        return _LinearFunction.apply(
-            input, self.weight, self.bias, _slot_of(self.weight), _slot_of(self.bias), _autocast_dtype(input)
-        )
+        return _LinearFunction.apply(input, self.weight, self.bias, slot, _slot_of(self.bias), _autocast_dtype(input))
 
 
 class Embedding(nn.Embedding):
     """nn.Embedding whose backward adds only the touched rows into a full-path GradAccumulator's arena."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.sparse or not _fusing(self.weight):  # sparse: torch's, and the accumulator refuses it
+        slot = None if self.sparse else _fused_slot(self.weight)  # sparse: torch's, and the accumulator refuses it
+        if slot is None:
             return F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                                self.scale_grad_by_freq, self.sparse)
-        return _EmbeddingFunction.apply(input, self.weight, _slot_of(self.weight), self.padding_idx, self.max_norm,
-                                        self.norm_type, self.scale_grad_by_freq)
+        return _EmbeddingFunction.apply(input, self.weight, slot, self.padding_idx, self.max_norm, self.norm_type,
+                                        self.scale_grad_by_freq)
 
 
 _FUSED = {nn.Linear: Linear, nn.Embedding: Embedding}

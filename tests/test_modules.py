@@ -415,3 +415,26 @@ def test_a_stale_slice_under_main_grad_is_an_error_until_zero_grad():
 def test_main_grad_needs_the_full_path():
     with pytest.raises(ValueError, match="accumulation_steps"):
         fa.GradAccumulator(fa.AdamW(MainGradNet().parameters()), main_grad=True)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing(device_backend, reentrant):
+    """Blocks under torch.utils.checkpoint: the fused layers run again in the backward (reentrant:
+    only there, the first forward being under no_grad) and still write into the arena once each."""
+    device, _ = device_backend
+
+    class Checkpointed(TinyLM):
+        def forward(self, tokens):
+            h = self.emb(tokens)
+            for _ in range(2):
+                h = h + torch.utils.checkpoint.checkpoint(lambda t: self.down(torch.tanh(self.up(t))), h,
+                                                          use_reentrant=reentrant)
+            return self.head(h)
+
+    torch.manual_seed(14)
+    base = Checkpointed().to(device)
+    ref, fused = copy.deepcopy(base), fa.fuse_modules(copy.deepcopy(base))
+    data = batches(6, device=device)
+    want = run_torch(ref, data, 3)
+    assert run_fa(fused, data, 3) == pytest.approx(want, rel=1e-6)
+    assert_same_params(fused, ref, 1e-6, "checkpointed")
