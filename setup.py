@@ -41,7 +41,8 @@ sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 # libgomp that torch loads. It also turns on the `omp simd` loops.
 # -fno-math-errno: sqrtf may not set errno, so loops with a square root vectorize.
 # -ffp-contract=off: no fused multiply-adds, the roundings of elementwise.h as written.
-cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+# -g0: Python's own flags ask for debug info, which was 30 % of each file's compile time.
+cxx_flags = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 if cuda_wanted():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     extra = wheel_cuda_headers()

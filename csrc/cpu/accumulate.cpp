@@ -5,7 +5,7 @@
 // The gradients are cut into fixed-size pieces (independent of the thread count) and each
 // piece keeps its own double partial, summed in piece order afterwards: the norm is the
 // same bit for bit on every run and every machine with the same inputs.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -6,7 +6,7 @@
 // step, factor and found_inf are one-element tensors so that the CUDA kernel can read them
 // on the device without a host sync; here they are plain CPU reads. When found_inf is set
 // nothing is written at all.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

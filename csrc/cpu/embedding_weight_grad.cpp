@@ -7,7 +7,7 @@
 // kernel), rounded once to the arena dtype. Segments are distinct table rows, so threads can
 // take whole segments with no races and no atomics, and the result does not depend on the
 // thread count.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -11,7 +11,9 @@
 // widened to fp32 first: exact, and rows x (out + in) elements, little next to the
 // rows x out x in GEMM. An fp32 arena is the GEMM's output itself; a bf16/fp16 arena gets an
 // fp32 temporary (W widened, unless first) that is rounded into it once at the end.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/addmm.h>
 #include <torch/library.h>
 
 #include "../dispatch.h"

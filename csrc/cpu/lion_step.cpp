@@ -1,7 +1,7 @@
 // fusedaccum_C::lion_step on CPU: one pass over a flat arena for Lion (decoupled weight decay,
 // maximize), writing the fp32 master's low-precision copy in the same pass when there is one.
 // Nothing is written when found_inf is set.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

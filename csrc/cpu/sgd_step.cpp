@@ -2,7 +2,7 @@
 // dampening, nesterov, weight decay and maximize, writing the fp32 master's low-precision
 // copy in the same pass when there is one (or the bf16 parameter and int16 remainder that
 // are the master together). Nothing is written when found_inf is set.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -16,7 +16,8 @@
 // from run to run. Launches of one call chain their totals through a double in the
 // workspace; the last one updates sumsq and found_inf. The workspace comes from the caching
 // allocator on the current stream and is zeroed with cudaMemsetAsync (both capturable).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

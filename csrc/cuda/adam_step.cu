@@ -6,7 +6,7 @@
 // step, factor and found_inf are read by the kernel itself, so an optimizer step never waits
 // on the host (and the step count can live on the device). Every thread derives the step
 // constants on its own: a few double ops per thread beat a second launch or a host read.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

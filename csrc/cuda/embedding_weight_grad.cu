@@ -15,7 +15,10 @@
 // Out-of-range indices are skipped, not reported (reporting them needs their values on the
 // host); the forward embedding lookup has already asserted them on the device. Nothing
 // outside the table is ever touched.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/cumsum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -16,7 +16,8 @@
 // W^T = input^T @ grad_output, so that is the product asked for: m = in, n = out, k = rows,
 // ldc = in. Each input is read in place when it is row-major or column-major with a usable
 // leading dimension (a transposed activation included) and copied only otherwise.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -3,7 +3,7 @@
 // An int16 param_copy is instead the remainder that with the bf16 parameter makes the fp32
 // master (fp32 exp_avg). Nothing is written when found_inf is set. factor and found_inf are
 // read on the device.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

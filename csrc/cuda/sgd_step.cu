@@ -6,7 +6,7 @@
 //
 // As in adam_step.cu, step, factor and found_inf are read on the device: whether the
 // momentum buffer starts as a copy of the gradient is decided there, from the step count.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
