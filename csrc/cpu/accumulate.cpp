@@ -43,16 +43,18 @@ FUSEDACCUM_CPU_CLONES double fold(A* acc, const G* g, int64_t n, float scale) {
     }
     return sum_sq;
   }
-  float a[kTile], x[kTile];
+  float at[kTile], xt[kTile];
   for (int64_t t = 0; t < n; t += kTile) {
     const int64_t len = std::min(kTile, n - t);
-    load_tile(g + t, x, len);
-    if constexpr (!kFirst) load_tile(acc + t, a, len);
+    const float* x = tile_in(g, t, len, xt);
+    float* a = at;  // the first fold never reads the arena
+    if constexpr (std::is_same_v<A, float>) a = acc + t;
+    else if constexpr (!kFirst) load_tile(acc + t, at, len);
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) a[j] = accumulate_element(kFirst ? 0.0f : a[j], x[j], scale, kFirst);
-    store_tile(a, acc + t, len);
+    tile_out(a, acc, t, len);
     if constexpr (kStats) {
-      load_tile(acc + t, a, len);  // the stored (rounded) values, as in L1 now
+      a = tile_in(acc, t, len, at);  // the stored (rounded) values, as in L1 now
 #pragma omp simd reduction(+ : sum_sq)
       for (int64_t j = 0; j < len; ++j) sum_sq += static_cast<double>(a[j]) * a[j];
     }

@@ -30,40 +30,20 @@ template <typename P, typename S, typename G, typename C, bool kAmsgrad>
 FUSEDACCUM_CPU_CLONES void adam_loop(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg, S* __restrict exp_avg_sq,
                S* __restrict max_exp_avg_sq, copy_t<C>* __restrict param_copy,
                int64_t begin, int64_t end, float factor, const AdamConstants c) {
-  constexpr bool kCopy = !std::is_same_v<C, NoCopy>;
-  if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float>) {
-    // fp32 parameter (or master) and gradient: the math runs on the arrays themselves; only
-    // the low-precision copy of a master goes through a tile.
-    for (int64_t t = begin; t < end; t += kTile) {
-      const int64_t stop = std::min(t + kTile, end);
-#pragma omp simd
-      for (int64_t i = t; i < stop; ++i) {
-        float p = param[i], m = exp_avg[i], v = exp_avg_sq[i];
-        float vmax = kAmsgrad ? max_exp_avg_sq[i] : 0.0f;
-        adam_element(p, grad[i], m, v, vmax, factor, c);
-        param[i] = p;
-        exp_avg[i] = m;
-        exp_avg_sq[i] = v;
-        if constexpr (kAmsgrad) max_exp_avg_sq[i] = vmax;
-      }
-      if constexpr (kCopy) store_tile(param + t, param_copy + t, stop - t);
-    }
-    return;
-  }
-  float p[kTile], g[kTile], m[kTile], v[kTile], vmax[kTile];
+  float pt[kTile], gt[kTile], mt[kTile], vt[kTile], vmaxt[kTile];
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    load_weights<C>(param, param_copy, t, p, n);
-    load_tile(grad + t, g, n);
-    load_tile(exp_avg + t, m, n);
-    load_tile(exp_avg_sq + t, v, n);
-    if constexpr (kAmsgrad) load_tile(max_exp_avg_sq + t, vmax, n);
+    float* p = weights_in<C>(param, param_copy, t, n, pt);
+    const float* g = tile_in(grad, t, n, gt);
+    float* m = tile_in(exp_avg, t, n, mt);
+    float* v = tile_in(exp_avg_sq, t, n, vt);
+    float* vmax = kAmsgrad ? tile_in(max_exp_avg_sq, t, n, vmaxt) : vmaxt;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) adam_element(p[j], g[j], m[j], v[j], vmax[j], factor, c);
-    store_weights<C>(p, param, param_copy, t, n);
-    store_tile(m, exp_avg + t, n);
-    store_tile(v, exp_avg_sq + t, n);
-    if constexpr (kAmsgrad) store_tile(vmax, max_exp_avg_sq + t, n);
+    weights_out<C>(p, param, param_copy, t, n);
+    tile_out(m, exp_avg, t, n);
+    tile_out(v, exp_avg_sq, t, n);
+    if constexpr (kAmsgrad) tile_out(vmax, max_exp_avg_sq, t, n);
   }
 }
 

@@ -24,32 +24,16 @@ template <typename P, typename S, typename G, typename C>
 FUSEDACCUM_CPU_CLONES void lion_loop(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
                                      copy_t<C>* __restrict param_copy, int64_t begin, int64_t end, float factor,
                                      const LionConstants c) {
-  constexpr bool kCopy = !std::is_same_v<C, NoCopy>;
-  if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float>) {
-    for (int64_t t = begin; t < end; t += kTile) {
-      const int64_t stop = std::min(t + kTile, end);
-#pragma omp simd
-      for (int64_t i = t; i < stop; ++i) {
-        float p = param[i];
-        float m = exp_avg[i];
-        lion_element(p, grad[i], m, factor, c);
-        param[i] = p;
-        exp_avg[i] = m;
-      }
-      if constexpr (kCopy) store_tile(param + t, param_copy + t, stop - t);
-    }
-    return;
-  }
-  float p[kTile], g[kTile], m[kTile];
+  float pt[kTile], gt[kTile], mt[kTile];
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    load_weights<C>(param, param_copy, t, p, n);
-    load_tile(grad + t, g, n);
-    load_tile(exp_avg + t, m, n);
+    float* p = weights_in<C>(param, param_copy, t, n, pt);
+    const float* g = tile_in(grad, t, n, gt);
+    float* m = tile_in(exp_avg, t, n, mt);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) lion_element(p[j], g[j], m[j], factor, c);
-    store_weights<C>(p, param, param_copy, t, n);
-    store_tile(m, exp_avg + t, n);
+    weights_out<C>(p, param, param_copy, t, n);
+    tile_out(m, exp_avg, t, n);
   }
 }
 

@@ -25,34 +25,16 @@ template <typename P, typename S, typename G, typename C, bool kMomentum>
 FUSEDACCUM_CPU_CLONES void sgd_loop(P* __restrict param, const G* __restrict grad, S* __restrict momentum_buffer,
               copy_t<C>* __restrict param_copy, int64_t begin, int64_t end,
               float factor, const SgdConstants c) {
-  constexpr bool kCopy = !std::is_same_v<C, NoCopy>;
-  if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float>) {
-    // fp32 parameter (or master) and gradient: the math runs on the arrays themselves; only
-    // the low-precision copy of a master goes through a tile.
-    for (int64_t t = begin; t < end; t += kTile) {
-      const int64_t stop = std::min(t + kTile, end);
-#pragma omp simd
-      for (int64_t i = t; i < stop; ++i) {
-        float p = param[i];
-        float buf = kMomentum ? momentum_buffer[i] : 0.0f;
-        sgd_element(p, grad[i], buf, factor, c);
-        param[i] = p;
-        if constexpr (kMomentum) momentum_buffer[i] = buf;
-      }
-      if constexpr (kCopy) store_tile(param + t, param_copy + t, stop - t);
-    }
-    return;
-  }
-  float p[kTile], g[kTile], buf[kTile];
+  float pt[kTile], gt[kTile], buft[kTile];
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    load_weights<C>(param, param_copy, t, p, n);
-    load_tile(grad + t, g, n);
-    if constexpr (kMomentum) load_tile(momentum_buffer + t, buf, n);
+    float* p = weights_in<C>(param, param_copy, t, n, pt);
+    const float* g = tile_in(grad, t, n, gt);
+    float* buf = kMomentum ? tile_in(momentum_buffer, t, n, buft) : buft;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) sgd_element(p[j], g[j], buf[j], factor, c);
-    store_weights<C>(p, param, param_copy, t, n);
-    if constexpr (kMomentum) store_tile(buf, momentum_buffer + t, n);
+    weights_out<C>(p, param, param_copy, t, n);
+    if constexpr (kMomentum) tile_out(buf, momentum_buffer, t, n);
   }
 }
 

@@ -34,25 +34,45 @@ inline void store_tile(const float* __restrict src, T* __restrict dst, int64_t n
   for (int64_t j = 0; j < n; ++j) dst[j] = store_as<T>(src[j]);
 }
 
+// n elements of `data` from t, as float: the array itself where it holds float, else `tile`
+// filled with them. A float array is never copied into a tile: GCC turns that copy into
+// `rep movsq`, which on the AMD host here made each copied array cost as much as the math
+// (the bf16 + remainder Adam step ran at half the speed of the fp32 master's).
+template <typename T>
+inline auto tile_in(T* data, int64_t t, int64_t n, float* tile) {
+  if constexpr (std::is_same_v<std::remove_const_t<T>, float>) {
+    return data + t;
+  } else {
+    load_tile(data + t, tile, n);
+    return static_cast<std::conditional_t<std::is_const_v<T>, const float*, float*>>(tile);
+  }
+}
+
+// Writes back what tile_in gave for `data`: nothing where that was the array itself.
+template <typename T>
+inline void tile_out(const float* tile, T* data, int64_t t, int64_t n) {
+  if constexpr (!std::is_same_v<T, float>) store_tile(tile, data + t, n);
+}
+
 // The weights a step reads and writes, as float: the parameter (with, on store, the
 // low-precision copy of an fp32 master), or a bf16 parameter and its int16 remainder, which
 // together are the fp32 master (C = Remainder; dispatch.h). Offsets rather than shifted
 // pointers: `copy` is null when there is none.
 template <typename C, typename P>
-inline void load_weights(const P* __restrict param, const copy_t<C>* __restrict copy, int64_t t,
-                         float* __restrict dst, int64_t n) {
+inline float* weights_in(P* param, const copy_t<C>* copy, int64_t t, int64_t n, float* tile) {
   if constexpr (std::is_same_v<C, Remainder>) {
     static_assert(std::is_same_v<P, c10::BFloat16>, "a remainder goes with a bf16 parameter");
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dst[j] = merge_remainder(param[t + j].x, copy[t + j]);
+    for (int64_t j = 0; j < n; ++j) tile[j] = merge_remainder(param[t + j].x, copy[t + j]);
+    return tile;
   } else {
-    load_tile(param + t, dst, n);
+    return tile_in(param, t, n, tile);
   }
 }
 
 template <typename C, typename P>
-inline void store_weights(const float* __restrict src, P* __restrict param, copy_t<C>* __restrict copy, int64_t t,
-                          int64_t n) {
+inline void weights_out(const float* __restrict src, P* __restrict param, copy_t<C>* __restrict copy, int64_t t,
+                        int64_t n) {
   if constexpr (std::is_same_v<C, Remainder>) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
@@ -61,7 +81,7 @@ inline void store_weights(const float* __restrict src, P* __restrict param, copy
       param[t + j].x = hi;
     }
   } else {
-    store_tile(src, param + t, n);
+    tile_out(src, param, t, n);
     if constexpr (!std::is_same_v<C, NoCopy>) store_tile(src, copy + t, n);
   }
 }
