@@ -42,6 +42,13 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
+def cuda_available() -> bool:
+    # torch.cuda.is_available() asks the driver each time (4 us here): once per process is
+    # enough, and set_backend (which the benchmark calls around timed calls) asks it 8 times.
+    return torch.cuda.is_available()
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -53,18 +60,18 @@ def runs_on(backend: str, device_type: str) -> bool:
     if backend == "cpp":
         return device_type == "cpu" and extension_loaded()
     if backend == "cuda":
-        return device_type == "cuda" and extension_has_cuda() and torch.cuda.is_available()
+        return device_type == "cuda" and extension_has_cuda() and cuda_available()
     if backend == "triton":
         if not triton_installed():
             return False
         if device_type == "cuda":
-            return torch.cuda.is_available() and not triton_interpreted()
+            return cuda_available() and not triton_interpreted()
         return device_type == "cpu" and triton_interpreted()
     return False
 
 
 def _device_types() -> list[str]:
-    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    return ["cpu", "cuda"] if cuda_available() else ["cpu"]
 
 
 def available() -> list[str]:

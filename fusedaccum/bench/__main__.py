@@ -201,6 +201,7 @@ def run_jobs(jobs, log: JobsLog, ref_gbps: float) -> tuple[list, list[dict], str
                            "rows": [report.row_record(r, ref_gbps) for r in got if not isinstance(r, Precision)],
                            "precision": report.precision_records([r for r in got if isinstance(r, Precision)])})
             results += got
+            fa.set_backend(None)  # a timed call's setup (cases.under) leaves its backend forced
             release()
             line = f"[{k}/{len(jobs)}] {job.label}: {time.perf_counter() - start:.1f} s" + (" FAILED" if failed else "")
             if progress is None:

@@ -91,8 +91,9 @@ class Clock:
         setup and a cache flush before it), so that every side sees the same machine: on a
         shared host the memory bandwidth drifts by 2x and more within a minute, and sides timed
         one after the other can each catch a different moment (how a `p.grad += g` row once
-        came out at twice the machine's bandwidth). A call is fn or (fn, setup)."""
-        calls = {k: c if isinstance(c, tuple) else (c, None) for k, c in calls.items()}
+        came out at twice the machine's bandwidth). A call is fn, (fn, setup), or a callable
+        with `.timed = (fn, setup)` (cases.under)."""
+        calls = {k: c if isinstance(c, tuple) else getattr(c, "timed", (c, None)) for k, c in calls.items()}
         estimate = max(self._one_call(fn, setup) for fn, setup in calls.values())  # also the warm-up
         rounds = int(min(self.max_reps, max(self.min_reps, self.min_time / max(estimate, 1e-9))))
         times: dict = {name: [] for name in calls}
