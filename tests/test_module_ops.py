@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import fusedaccum as fa
-from fusedaccum import dispatch
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 DTYPES = [F32, BF16, F16]
@@ -191,13 +190,7 @@ def test_embedding_weight_grad_refuses_bad_input():
 NAMES = ["linear_weight_grad", "embedding_weight_grad"]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_extension_schema_matches_python(name):
-    if not dispatch.extension_loaded():
-        pytest.skip("compiled extension not built")
-    ours = str(getattr(torch.ops.fusedaccum, name).default._schema).split("::", 1)[1]
-    ext = str(getattr(torch.ops.fusedaccum_C, name).default._schema).split("::", 1)[1]
-    assert ours == ext
+# The schema match of the compiled ops with the public ones: tests/test_ops.py, with the others.
 
 
 def opcheck_args(device):

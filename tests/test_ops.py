@@ -412,7 +412,8 @@ def test_lion_step_skips_on_found_inf(device_backend):
 # -- schemas and opcheck -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["accumulate", "adam_step", "sgd_step", "lion_step"])
+@pytest.mark.parametrize("name", ["accumulate", "adam_step", "sgd_step", "lion_step", "linear_weight_grad",
+                                  "embedding_weight_grad"])
 def test_extension_schema_matches_python(name):
     if not dispatch.extension_loaded():
         pytest.skip("compiled extension not built")
