@@ -449,7 +449,7 @@ class Lion(FusedOptimizer, torch.optim.Optimizer):
     _publish_step = False  # the update does not depend on a step count
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
-                 *, maximize: bool = False, master_weights: bool = False):
+                 *, maximize: bool = False, master_weights: bool | str = False):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
