@@ -30,7 +30,8 @@ template <typename P, typename S, typename G, typename C, bool kAmsgrad>
 FUSEDACCUM_CPU_CLONES void adam_loop(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg, S* __restrict exp_avg_sq,
                S* __restrict max_exp_avg_sq, copy_t<C>* __restrict param_copy,
                int64_t begin, int64_t end, float factor, const AdamConstants c) {
-  float pt[kTile], gt[kTile], mt[kTile], vt[kTile], vmaxt[kTile];
+  float pt[kTile], gt[kTile], mt[kTile], vt[kTile];
+  float vmaxt[kTile] = {};  // without amsgrad, adam_element still reads max_v (then drops it): zeros, not garbage
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
     float* p = weights_in<C>(param, param_copy, t, n, pt);

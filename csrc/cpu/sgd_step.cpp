@@ -25,7 +25,8 @@ template <typename P, typename S, typename G, typename C, bool kMomentum>
 FUSEDACCUM_CPU_CLONES void sgd_loop(P* __restrict param, const G* __restrict grad, S* __restrict momentum_buffer,
               copy_t<C>* __restrict param_copy, int64_t begin, int64_t end,
               float factor, const SgdConstants c) {
-  float pt[kTile], gt[kTile], buft[kTile];
+  float pt[kTile], gt[kTile];
+  float buft[kTile] = {};  // stands in for the buffer without momentum (sgd_element does not read it then)
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
     float* p = weights_in<C>(param, param_copy, t, n, pt);
