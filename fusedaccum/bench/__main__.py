@@ -29,7 +29,7 @@ import fusedaccum as fa
 from fusedaccum import dispatch
 from fusedaccum.bench import report
 from fusedaccum.bench.cases import DTYPES, SECTIONS, Precision, Settings, layouts, plan, release
-from fusedaccum.bench.timing import Clock
+from fusedaccum.bench.timing import Clock, reuse_freed_memory
 
 # Per (device, scale): timed seconds to aim for per measurement, min and max timed calls.
 # CUDA timings are steady, so shorter runs suffice (scripts/gpu_check.sh runs --quick, a share of
@@ -60,6 +60,10 @@ def parse_args(argv):
     p.add_argument("--jobs-log", type=Path, default=None, metavar="FILE",
                    help="also append each job's rows to FILE (JSON lines) as soon as the job ends, so that a "
                         "run killed at a time limit keeps what it measured")
+    p.add_argument("--malloc", choices=["reuse", "system"], default="reuse",
+                   help="CPU: 'reuse' (default) pins glibc's malloc to reuse freed blocks up to 32 MB, so that no "
+                        "side's gradients arrive as fresh pages by chance of what the process allocated before; "
+                        "'system' leaves glibc's own adaptive thresholds (page faults per call are reported either way)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # toy sizes, for the smoke test
     args = p.parse_args(argv)
     if args.accumulation_steps < 1:
@@ -236,6 +240,10 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
 
+    # Before anything large is allocated: the pinned thresholds then hold for every block.
+    malloc = "system"
+    if device.type == "cpu" and args.malloc == "reuse":
+        malloc = "reuse (glibc: mmap threshold 32 MB, trim threshold 1 GB)" if reuse_freed_memory() else "system (not glibc)"
     min_time, min_reps, max_reps = TINY_CLOCK if args.tiny else CLOCK[device.type, scale]
     clock = Clock(device, min_time, min_reps, max_reps)
     settings = Settings(device, dtypes, backends, chosen, args.accumulation_steps, scale, clock)
@@ -281,7 +289,7 @@ def main(argv=None) -> int:
         "backends": backends,
         "fusedaccum_backends": fa.backends(),
         "timing": {"method": clock.method, "min_time_s": min_time, "min_reps": min_reps, "max_reps": max_reps,
-                   "cpu_busy_elsewhere_at_start": busy},
+                   "cpu_busy_elsewhere_at_start": busy, "malloc": malloc},
         "reference_bandwidth": bandwidth,
         "layouts": {lay.name: {"params": lay.numel, "tensors": len(lay.shapes), "note": lay.note}
                     for lay in chosen.values()},

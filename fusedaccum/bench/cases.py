@@ -141,6 +141,10 @@ class Row:
     # What the standard side really moves, where that is less than the floor (bf16 += bf16:
     # 6 B); only the SUSPECT check uses it, GB/s stay at the floor bytes for both sides.
     standard_bytes_per_param: float | None = None
+    # Median minor page faults per call (CPU rows that allocate: window, end to end): memory that
+    # arrives as fresh pages, which the time includes.
+    standard_faults: float | None = None
+    fused_faults: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -576,13 +580,15 @@ def window_job(s: Settings, layout: Layout, dtype_name: str) -> list[Row]:
     for b in s.backends:
         for mode in modes:
             calls[(b, mode)] = fused_call(b, mode, expected)
-    times = s.clock.measure_interleaved(calls)  # every side in alternation: the same machine
+    faults: dict = {}
+    times = s.clock.measure_interleaved(calls, faults)  # every side in alternation: the same machine
     floor = accumulate_floor(dtype, first=True) + (n - 1) * accumulate_floor(dtype) + step_floor("AdamW", master)
     rows = []
     for b in s.backends:
         for mode in modes:
             rows += [Row("window", layout.name, dtype_name, b, f"{n} micro-batches + AdamW + clip", f"torch AdamW {name}",
-                         mode, times[f"torch AdamW {name}"], times[(b, mode)], layout.numel, floor)
+                         mode, times[f"torch AdamW {name}"], times[(b, mode)], layout.numel, floor,
+                         standard_faults=faults.get(f"torch AdamW {name}"), fused_faults=faults.get((b, mode)))
                      for name in variants]
     return rows
 
@@ -732,13 +738,15 @@ def end_to_end_job(s: Settings, model_name: str) -> list[Row]:
     for b in s.backends:
         for mode in modes:
             calls[(b, mode)] = fused_call(b, mode, expected)
-    times = s.clock.measure_interleaved(calls)  # every side in alternation: the same machine
+    faults: dict = {}
+    times = s.clock.measure_interleaved(calls, faults)  # every side in alternation: the same machine
     rows = []
     for b in s.backends:
         for mode in modes:
             rows.append(Row("end-to-end", model_name, "fp32", b, f"train window (N={n}, batch {shape[0]}x{shape[1]})",
                             f"torch.optim.{torch_cls.__name__}", mode, times["standard"], times[(b, mode)],
-                            sum(p.numel() for p in base.parameters()), None))
+                            sum(p.numel() for p in base.parameters()), None,
+                            standard_faults=faults.get("standard"), fused_faults=faults.get((b, mode))))
     return rows
 
 

@@ -172,7 +172,7 @@ def _free_port() -> int:
 def data_parallel_job(s: Settings) -> list[Row]:
     layout = dp_layout(s.scale)
     n = s.accumulation_steps
-    rounds = {"tiny": 2, "quick": 3}.get(s.scale, 7)
+    rounds = {"tiny": 2, "quick": 3}.get(s.scale, 15)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "dp.json")
         mp.spawn(_worker, args=(f"tcp://127.0.0.1:{_free_port()}", layout.shapes, n, rounds, out), nprocs=WORLD)

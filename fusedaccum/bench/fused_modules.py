@@ -171,7 +171,8 @@ def lm_job(s: Settings, batch: int) -> list[Row]:
     for key, (window, _, acc) in sides.items():
         calls[key] = window if key == "standard" else under(key[0], window)
         calls[key].keep = acc
-    times = s.clock.measure_interleaved(calls)
+    faults: dict = {}
+    times = s.clock.measure_interleaved(calls, faults)
 
     memory = {}
     for key, (window, _, acc) in sides.items():
@@ -188,7 +189,8 @@ def lm_job(s: Settings, batch: int) -> list[Row]:
 
     case = f"tied LM, vocab {cfg['vocab']}, d={cfg['d']}, {cfg['layers']} blocks, N={n} x {cfg['batch']}x{cfg['seq']} + clip + AdamW"
     rows = [Row("fused-modules", f"lm-{cfg['vocab'] // 1024}k", "fp32", key[0], case, "torch.optim", key[1],
-                times["standard"], times[key], params, None) for key in sides if key != "standard"]
+                times["standard"], times[key], params, None,
+                standard_faults=faults.get("standard"), fused_faults=faults.get(key)) for key in sides if key != "standard"]
     s.notes.append(
         f"fused-modules LM, {batch}x{cfg['seq']} tokens per micro-batch: memory per window, bytes per parameter (peak of what the window allocates + the arena's "
         "gradient buffer): " + ", ".join(f"{k if k == 'standard' else f'{k[1]} [{k[0]}]'} {v:.1f}" for k, v in memory.items())

@@ -128,6 +128,8 @@ def print_tables(run: dict) -> None:
     dev = run["device"]
     say(f"\nfusedaccum-bench on {dev['name']} ({dev['type']}), scale {run['scale']}, "
         f"N={run['args']['accumulation_steps']}, reference bandwidth {_bandwidth_line(run['reference_bandwidth'])}")
+    if run["timing"].get("malloc"):
+        say(f"  malloc: {run['timing']['malloc']}")
     for note in run["notes"]:
         say(f"  note: {note}")
     for section, title in TABLE_SECTIONS.items():
@@ -147,6 +149,10 @@ def print_tables(run: dict) -> None:
                 ratio = f"[{'green' if r['ratio'] > 1 else 'red'}]{line[-1]}[/]"
                 table.add_row(*[escape(v) for v in line[:-1]], ratio)
             console.print(table)
+        faulted = [r for r in rows if r.get("standard_faults") is not None]
+        if faulted:
+            say("  page faults per call (median), standard / fused: " + "; ".join(
+                f"{r['layout']} [{r['backend']}] {r['standard']} vs {r['fused']} {r['standard_faults']:.0f} / {r['fused_faults']:.0f}" for r in faulted))
         if section == "accumulate" and run["precision"]:
             for p in run["precision"]:
                 say(f"  precision [{p['backend']}]: {p['micro_batches']} bf16 micro-batches of {p['elements']} "

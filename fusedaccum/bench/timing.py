@@ -9,7 +9,10 @@ is timed with perf_counter. Every measurement starts with a warm-up call.
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -19,6 +22,47 @@ COPY_ELEMENTS = {"cuda": 64 << 20, "cpu": 32 << 20}  # fp32 elements: far larger
 # Written before each timed call to evict the caches: triton's 256 MB on CUDA; on CPU 128 MB,
 # which measured enough here (a 32 MB-L3 EPYC VM whose caches still held a 64 MB working set).
 FLUSH_BYTES = {"cuda": 256 << 20, "cpu": 128 << 20}
+
+
+# glibc's mallopt parameters, and the values "reuse" pins them to: blocks up to 32 MB (glibc's
+# largest mmap threshold) come from the heap, and freed memory stays there.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_REUSE = {"MALLOC_MMAP_THRESHOLD_": (_M_MMAP_THRESHOLD, 32 << 20), "MALLOC_TRIM_THRESHOLD_": (_M_TRIM_THRESHOLD, 1 << 30)}
+
+
+def reuse_freed_memory() -> bool:
+    """Pins glibc's malloc so that freed blocks up to 32 MB are reused instead of returned to the
+    kernel; in this process (mallopt) and in processes it starts (the environment variables).
+
+    Why: glibc moves its mmap threshold by itself (up to the size of the last mmapped block
+    freed) and returns the heap's top to the kernel past a trim threshold. Whether a backward's
+    fresh gradients reuse freed memory or arrive as new pages (a page fault and a kernel zeroing
+    per 4 KB) then depends on what the process allocated before. Measured here on gpt-20m's
+    window: 0 or 42-160K page faults per window by process, about 50 ms or 88-102 ms for the same
+    code.
+    Pinned, both sides of a row run without that coin flip. Returns False where the C library
+    is not glibc (nothing changed)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    for env, (param, value) in _REUSE.items():
+        if not mallopt(param, value):
+            return False
+        os.environ[env] = str(value)
+    return True
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class Clock:
@@ -70,7 +114,7 @@ class Clock:
         reps = int(min(self.max_reps, max(self.min_reps, self.min_time / max(estimate, 1e-9))))
         return statistics.median(self._one_call(fn, setup) for _ in range(reps))
 
-    def _one_call(self, fn, setup) -> float:
+    def _one_call(self, fn, setup, faults: list | None = None) -> float:
         if setup is not None:
             setup()
         self.flush()
@@ -82,24 +126,34 @@ class Clock:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
+        before = page_faults() if faults is not None else 0
         t0 = time.perf_counter()
         fn()
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if faults is not None:
+            faults.append(page_faults() - before)
+        return seconds
 
-    def measure_interleaved(self, calls: dict) -> dict:
+    def measure_interleaved(self, calls: dict, faults: dict | None = None) -> dict:
         """Median seconds of each call, timed in alternation (one call of each per round, its
         setup and a cache flush before it), so that every side sees the same machine: on a
         shared host the memory bandwidth drifts by 2x and more within a minute, and sides timed
         one after the other can each catch a different moment (how a `p.grad += g` row once
         came out at twice the machine's bandwidth). A call is fn, (fn, setup), or a callable
-        with `.timed = (fn, setup)` (cases.under)."""
+        with `.timed = (fn, setup)` (cases.under). On CPU, `faults` (a dict) receives the median
+        minor page faults per call of each: a side whose memory arrives as fresh pages pays for
+        them, and a reader should see it."""
         calls = {k: c if isinstance(c, tuple) else getattr(c, "timed", (c, None)) for k, c in calls.items()}
         estimate = max(self._one_call(fn, setup) for fn, setup in calls.values())  # also the warm-up
         rounds = int(min(self.max_reps, max(self.min_reps, self.min_time / max(estimate, 1e-9))))
         times: dict = {name: [] for name in calls}
+        counted: dict = {name: [] for name in calls}
+        track = faults is not None and not self.cuda
         for _ in range(rounds):
             for name, (fn, setup) in calls.items():
-                times[name].append(self._one_call(fn, setup))
+                times[name].append(self._one_call(fn, setup, counted[name] if track else None))
+        if track:
+            faults.update({name: statistics.median(c) for name, c in counted.items()})
         return {name: statistics.median(t) for name, t in times.items()}
 
     def host_time(self, fn: Callable[[], object], calls: int = 20, warmup: int = 3, runs: int = 5) -> float:
