@@ -61,7 +61,7 @@ def parse_args(argv):
                    help="also append each job's rows to FILE (JSON lines) as soon as the job ends, so that a "
                         "run killed at a time limit keeps what it measured")
     p.add_argument("--malloc", choices=["reuse", "system"], default="reuse",
-                   help="CPU: 'reuse' (default) pins glibc's malloc to reuse freed blocks up to 32 MB, so that no "
+                   help="CPU: 'reuse' (default) pins glibc's malloc to reuse freed memory (no mmapped blocks), so that no "
                         "side's gradients arrive as fresh pages by chance of what the process allocated before; "
                         "'system' leaves glibc's own adaptive thresholds (page faults per call are reported either way)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # toy sizes, for the smoke test
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     # Before anything large is allocated: the pinned thresholds then hold for every block.
     malloc = "system"
     if device.type == "cpu" and args.malloc == "reuse":
-        malloc = "reuse (glibc: mmap threshold 32 MB, trim threshold 1 GB)" if reuse_freed_memory() else "system (not glibc)"
+        malloc = "reuse (glibc: no mmapped blocks, trim threshold 2 GB)" if reuse_freed_memory() else "system (not glibc)"
     min_time, min_reps, max_reps = TINY_CLOCK if args.tiny else CLOCK[device.type, scale]
     clock = Clock(device, min_time, min_reps, max_reps)
     settings = Settings(device, dtypes, backends, chosen, args.accumulation_steps, scale, clock)

@@ -24,24 +24,25 @@ COPY_ELEMENTS = {"cuda": 64 << 20, "cpu": 32 << 20}  # fp32 elements: far larger
 FLUSH_BYTES = {"cuda": 256 << 20, "cpu": 128 << 20}
 
 
-# glibc's mallopt parameters, and the values "reuse" pins them to: blocks up to 32 MB (glibc's
-# largest mmap threshold) come from the heap, and freed memory stays there.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_REUSE = {"MALLOC_MMAP_THRESHOLD_": (_M_MMAP_THRESHOLD, 32 << 20), "MALLOC_TRIM_THRESHOLD_": (_M_TRIM_THRESHOLD, 1 << 30)}
+# glibc's mallopt parameters, and the values "reuse" pins them to: no block is mmapped (each
+# would be returned to the kernel when freed), and the heap's top is kept up to 2 GB.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_REUSE = {"MALLOC_MMAP_MAX_": (_M_MMAP_MAX, 0), "MALLOC_TRIM_THRESHOLD_": (_M_TRIM_THRESHOLD, (1 << 31) - 1)}
 
 
 def reuse_freed_memory() -> bool:
-    """Pins glibc's malloc so that freed blocks up to 32 MB are reused instead of returned to the
-    kernel; in this process (mallopt) and in processes it starts (the environment variables).
+    """Pins glibc's malloc so that freed memory is reused instead of returned to the kernel; in
+    this process (mallopt) and in processes it starts (the environment variables).
 
-    Why: glibc moves its mmap threshold by itself (up to the size of the last mmapped block
-    freed) and returns the heap's top to the kernel past a trim threshold. Whether a backward's
-    fresh gradients reuse freed memory or arrive as new pages (a page fault and a kernel zeroing
-    per 4 KB) then depends on what the process allocated before. Measured here on gpt-20m's
-    window: 0 or 42-160K page faults per window by process, about 50 ms or 88-102 ms for the same
-    code.
-    Pinned, both sides of a row run without that coin flip. Returns False where the C library
-    is not glibc (nothing changed)."""
+    Why: glibc mmaps a large block (above a threshold it moves by itself, up to 32 MB) and
+    unmaps it when freed, and returns the heap's top to the kernel past a trim threshold; a
+    large block is served from the heap only where a free chunk happens to fit. Whether a
+    backward's fresh gradients arrive as new pages (a page fault and a kernel zeroing per 4 KB)
+    then depends on what the process allocated before. Measured here on gpt-20m's window: 0 or
+    42-160K page faults per window by process, about 50 ms or 88-102 ms for the same code; on
+    the tied 32K LM's standard window 115K faults (its 33.5 MB gradients) or none. Pinned, no
+    side of a row pays for that coin flip. Returns False where the C library is not glibc
+    (nothing changed)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
