@@ -16,13 +16,14 @@ def test_bench_without_rich_or_matplotlib_prints_plain_tables(tmp_path, monkeypa
     for name in OPTIONAL:
         monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
     argv = ["--device", "cpu", "--tiny", "--layout", "many-small", "--dtype", "fp32",
-            "--cases", "accumulate", "--accumulation-steps", "2", "--out", str(tmp_path)]
+            "--cases", "accumulate", "--accumulation-steps", "2", "--malloc", "system", "--out", str(tmp_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "1. Accumulate one micro-batch" in out and "std/fused" in out and "┃" not in out
     runs = [p for p in tmp_path.glob("*.json") if not p.name.startswith("latest-")]
     assert len(runs) == 1 and runs[0].with_suffix(".csv").exists() and not runs[0].with_suffix(".png").exists()
-    assert {r["section"] for r in json.loads(runs[0].read_text())["rows"]} == {"accumulate"}
+    run = json.loads(runs[0].read_text())
+    assert {r["section"] for r in run["rows"]} == {"accumulate"} and run["timing"]["malloc"] == "system"
 
 
 def test_bench_cli_writes_a_complete_run(tmp_path):
@@ -53,6 +54,9 @@ def test_bench_cli_writes_a_complete_run(tmp_path):
                       r["standard_pct_of_reference"], r["fused_pct_of_reference"]):
             assert math.isfinite(value) and value > 0, r
         assert r["ratio"] == pytest.approx(r["standard_s"] / r["fused_s"])
+        # The window rows say how many page faults each side took (CPU); the others do not allocate.
+        assert (r["standard_faults"] is not None and r["fused_faults"] is not None) == (r["section"] == "window"), r
+    assert run["timing"]["malloc"].startswith("reuse" if sys.platform.startswith("linux") else "system")
 
 
 def test_bench_data_parallel_section(tmp_path):
