@@ -45,6 +45,9 @@ def test_bench_cli_writes_a_complete_run(tmp_path):
     assert {"torch", "fusedaccum", "triton"} <= set(run["versions"])
     assert "commit" in run["git"]
     assert run["scale"] == "tiny" and run["reference_bandwidth"]["reference"] >= run["reference_bandwidth"]["copy"] > 0
+    between = run["reference_bandwidth"]["in_place_add_between_jobs"]  # sampled after every job
+    assert between["samples"] >= len({r["section"] for r in run["rows"]})  # at least a job per section
+    assert run["reference_bandwidth"]["reference"] >= between["max"] >= between["min"] > 0
 
     sections = {r["section"] for r in run["rows"]}
     assert sections == {"accumulate", "boundary", "window", "sweep"}

@@ -33,9 +33,10 @@ from fusedaccum.bench.timing import Clock, reuse_freed_memory
 
 # Per (device, scale): timed seconds to aim for per measurement, min and max timed calls.
 # CUDA timings are steady, so shorter runs suffice (scripts/gpu_check.sh runs --quick, a share of
-# 9 minutes per case section).
+# 9 minutes per case section). On a shared CPU host a 0.3 s window timed 3 times gave 0.78x in
+# one run and 1.00-1.09x in four others: CPU full runs time every side at least 7 times.
 CLOCK = {
-    ("cpu", "full"): (0.25, 3, 50), ("cpu", "quick"): (0.02, 3, 15),
+    ("cpu", "full"): (0.25, 7, 50), ("cpu", "quick"): (0.02, 3, 15),
     ("cuda", "full"): (0.1, 5, 100), ("cuda", "quick"): (0.02, 3, 20),
 }
 TINY_CLOCK = (0.002, 2, 3)
@@ -165,10 +166,14 @@ class JobsLog:
             self.file.close()
 
 
-def run_jobs(jobs, log: JobsLog, ref_gbps: float) -> tuple[list, list[dict], str | None]:
+def run_jobs(jobs, log: JobsLog, ref_gbps: float, clock: Clock | None = None,
+             between: list | None = None) -> tuple[list, list[dict], str | None]:
     """Runs the jobs in order: (results, errors, the job that was interrupted or None). A job that
     raises is reported and the next one runs; Ctrl-C (or `timeout -s INT`) stops the run, keeping
-    what was measured."""
+    what was measured. With `clock` and `between`, the reference's in-place add is timed after
+    every job into `between`: a shared host's bandwidth drifts within a run, and the reference
+    is the best it showed (measured only at the start and the end, one run's reference came out
+    at 59-67 GB/s while its kernels ran at up to 150 % of that)."""
     progress_mod = report.optional("rich.progress")
     results, errors, interrupted = [], [], None
     # The jobs free what they built with gc.collect(); frozen, the objects that exist now
@@ -207,6 +212,8 @@ def run_jobs(jobs, log: JobsLog, ref_gbps: float) -> tuple[list, list[dict], str
             results += got
             fa.set_backend(None)  # a timed call's setup (cases.under) leaves its backend forced
             release()
+            if clock is not None and between is not None:
+                between.append(clock.in_place_add_gbps())
             line = f"[{k}/{len(jobs)}] {job.label}: {time.perf_counter() - start:.1f} s" + (" FAILED" if failed else "")
             if progress is None:
                 print(line, flush=True)
@@ -267,13 +274,16 @@ def main(argv=None) -> int:
                                   "versions": versions(), "scale": scale, "backends": backends,
                                   "reference_bandwidth": bandwidth, "jobs": [j.label for j in jobs]})
     try:
-        results, errors, interrupted = run_jobs(jobs, log, ref_gbps)
+        between: list[float] = []
+        results, errors, interrupted = run_jobs(jobs, log, ref_gbps, clock, between)
     finally:
         log.close()
-    # Measured again at the end: the bandwidth of a shared host drifts, and the limit is the
-    # best the machine showed.
+    # Measured again at the end (and its in-place add between jobs): the bandwidth of a shared
+    # host drifts, and the limit is the best the machine showed.
     bandwidth["reference_at_start"] = ref_gbps
-    bandwidth["reference"] = ref_gbps = max(ref_gbps, clock.reference_bandwidth()["reference"])
+    if between:
+        bandwidth["in_place_add_between_jobs"] = {"samples": len(between), "min": min(between), "max": max(between)}
+    bandwidth["reference"] = ref_gbps = max(ref_gbps, clock.reference_bandwidth()["reference"], *between)
     if interrupted:
         settings.notes.append(f"interrupted during job '{interrupted}': it and the jobs after it did not run")
     rows = [r for r in results if not isinstance(r, Precision)]

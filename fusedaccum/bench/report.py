@@ -62,8 +62,10 @@ def row_record(row: Row, ref_gbps: float) -> dict:
 
 
 def _bandwidth_line(bw: dict) -> str:
+    between = bw.get("in_place_add_between_jobs")
+    drift = f", in-place add between jobs {between['min']:.1f}-{between['max']:.1f}" if between else ""
     return (f"{bw['reference']:.1f} GB/s (STREAM-style, best of copy {bw['copy']:.1f}, add {bw['add']:.1f}, "
-            f"in-place add {bw['add_in_place']:.1f}; {bw['counting']})")
+            f"in-place add {bw['add_in_place']:.1f}{drift}; {bw['counting']})")
 
 
 def _time(seconds: float) -> str:
