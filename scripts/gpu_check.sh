@@ -25,7 +25,7 @@
 # (the files to run; default all); GPU_CHECK_TEST_TIMEOUT (per file, default 300 s);
 # GPU_CHECK_TESTS_TOGETHER=1 (one pytest run over the files, reported as "all");
 # GPU_CHECK_PYTEST_ARGS (added to each pytest run: "-n 12 --timeout 120" with xdist and pytest-timeout);
-# GPU_CHECK_BENCH_CASES ("host accumulate boundary window sweep end-to-end"); GPU_CHECK_BENCH_ARGS
+# GPU_CHECK_BENCH_CASES ("host accumulate boundary window fused-modules sweep end-to-end"); GPU_CHECK_BENCH_ARGS
 # (--quick); GPU_CHECK_TAR=FILE (outside OUT_DIR): a .tgz of OUT_DIR, rewritten after each unit,
 # for tools that bring back only a few files: GPU_CHECK_TAR=$OUT/tests.tgz bash scripts/gpu_check.sh /tmp/gc tests
 # scripts/gpu_check_sim.sh runs this here as a bare GPU image would meet it (no nvcc, pytest, index).
@@ -274,7 +274,7 @@ bench_step() {
   local device=cpu cases c n T rc t0 status done_ planned errs
   if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then device=cuda; fi
   [ $device = cpu ] && say "bench: torch sees no CUDA GPU, so it runs on the CPU"
-  cases=${GPU_CHECK_BENCH_CASES:-host accumulate boundary window sweep end-to-end}
+  cases=${GPU_CHECK_BENCH_CASES:-host accumulate boundary window fused-modules sweep end-to-end}
   n=$(echo $cases | wc -w)
   mkdir -p "$OUT/bench"
   for c in $cases; do
