@@ -47,9 +47,7 @@ FUSEDACCUM_CPU_CLONES double fold(A* acc, const G* g, int64_t n, float scale) {
   for (int64_t t = 0; t < n; t += kTile) {
     const int64_t len = std::min(kTile, n - t);
     const float* x = tile_in(g, t, len, xt);
-    float* a = at;  // the first fold never reads the arena
-    if constexpr (std::is_same_v<A, float>) a = acc + t;
-    else if constexpr (!kFirst) load_tile(acc + t, at, len);
+    float* a = kFirst ? tile_for_write(acc, t, at) : tile_in(acc, t, len, at);  // the first fold never reads the arena
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) a[j] = accumulate_element(kFirst ? 0.0f : a[j], x[j], scale, kFirst);
     tile_out(a, acc, t, len);

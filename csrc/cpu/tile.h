@@ -48,7 +48,18 @@ inline auto tile_in(T* data, int64_t t, int64_t n, float* tile) {
   }
 }
 
-// Writes back what tile_in gave for `data`: nothing where that was the array itself.
+// Where to write n new floats for `data` (no read: the first fold of a window overwrites): the
+// array itself where it holds float, else `tile`, stored by tile_out.
+template <typename T>
+inline float* tile_for_write(T* data, int64_t t, float* tile) {
+  if constexpr (std::is_same_v<T, float>) {
+    return data + t;
+  } else {
+    return tile;
+  }
+}
+
+// Writes back what tile_in or tile_for_write gave for `data`: nothing where that was the array itself.
 template <typename T>
 inline void tile_out(const float* tile, T* data, int64_t t, int64_t n) {
   if constexpr (!std::is_same_v<T, float>) store_tile(tile, data + t, n);
