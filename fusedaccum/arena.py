@@ -82,6 +82,9 @@ class Arena:
         # re-seeded from the parameter. The step writes through self.param, not through p.
         self.versions = [p._version for p in params]
         self.grad: torch.Tensor | None = None
+        # Parameters whose next step reads p.grad in place instead of a copy in `grad` (large
+        # visible gradients: optim._gather_grads), index -> the flat gradient; cleared by the step.
+        self.direct: dict[int, torch.Tensor] = {}
         self.state: dict[str, torch.Tensor] = {}
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
         # Parameters with equal step_class have received gradients in the same windows, so

@@ -73,6 +73,39 @@ def test_matches_torch_optim(device_backend, name, kwargs, groups, scheduler):
     assert set(sd_t["state"]) == set(sd_f["state"])
 
 
+@pytest.mark.parametrize("name,kwargs", GRID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(GRID)])
+def test_large_gradients_are_stepped_where_they_are(device_backend, name, kwargs, monkeypatch):
+    """A large contiguous p.grad is read in place by a step launch of its own (no copy into the
+    arena); the others, a transposed large one included, are copied first. Mixed in one group,
+    with a parameter that skips steps, the result is torch.optim's."""
+    from fusedaccum import optim as fa_optim
+
+    device, backend = device_backend
+    monkeypatch.setitem(fa_optim.DIRECT_STEP_NUMEL, device.type, 500)  # (33, 17) and (300, 101) qualify
+    ref, ours = make_params(device), make_params(device)
+    torch_opt = getattr(torch.optim, name)(ref, **kwargs)
+    fa_opt = getattr(fa, name)(ours, **kwargs)
+    stepped_from = []
+    real = type(fa_opt)._step_range
+    monkeypatch.setattr(type(fa_opt), "_step_range",
+                        lambda self, group, param, copy, grad, *rest: (stepped_from.append(grad.data_ptr()),
+                                                                       real(self, group, param, copy, grad, *rest)))
+    for s in range(5):
+        grads = grads_for(ours, s, device)
+        for p, q, g in zip(ref, ours, grads):
+            p.grad = q.grad = None if g is None else g.clone()
+        ours[5].grad = ours[5].grad.t().contiguous().t()  # (300, 101) with transposed strides: copied
+        stepped_from.clear()
+        torch_opt.step()
+        fa_opt.step()
+        assert ours[0].grad.data_ptr() in stepped_from  # read in place
+        assert ours[5].grad.data_ptr() not in stepped_from and not fa_opt._arenas[0].direct
+        torch_opt.zero_grad()
+        fa_opt.zero_grad()
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_defaults_match_torch():
     for name in ("SGD", "Adam", "AdamW"):
         p = [torch.nn.Parameter(torch.zeros(3))]
