@@ -3,7 +3,8 @@
 Same arguments, defaults, param_groups and state_dict format as torch.optim (a state_dict
 saved by one loads into the other), plus `master_weights=True` to keep an fp32 master copy of
 bf16/fp16 parameters. Without an accumulator attached they behave like torch.optim: step()
-reads p.grad (gathered into the arena by the accumulate op). With fa.GradAccumulator attached,
+reads p.grad (a large contiguous one in place, the rest gathered into the arena by the
+accumulate op). With fa.GradAccumulator attached,
 the gradients it hides (full path; bf16/fp16 swap-in) are already in the arena; the rest are
 still read from p.grad. `_reconcile` is where the arena catches up with what torch shows.
 """
