@@ -573,7 +573,7 @@ class GradAccumulator:
         sumsq = torch.zeros((), dtype=torch.float32, device=self.device)
         for arena, t in zip(self.optimizer.arenas, touched):
             part = torch.zeros((), dtype=torch.float32, device=arena.device)
-            _add_squares(arena.run_views(arena.grad, t), part, None)
+            _add_squares(arena.step_grads(t), part, None)
             sumsq += part.to(self.device)
         return sumsq
 

@@ -284,6 +284,34 @@ class Arena:
     def range_of(self, a: int, b: int) -> tuple[int, int]:
         return self.offsets[a], self.offsets[b - 1] + self.numels[b - 1]
 
+    def split_direct(self, a: int, b: int) -> list[tuple[int, int]]:
+        """Parameters [a, b) as ranges to step: each one whose gradient is read in place
+        (`direct`) alone, the ones between together."""
+        if not self.direct:
+            return [(a, b)]
+        out, start = [], a
+        for i in range(a, b):
+            if i in self.direct:
+                if start < i:
+                    out.append((start, i))
+                out.append((i, i + 1))
+                start = i + 1
+        if start < b:
+            out.append((start, b))
+        return out
+
+    def step_grads(self, touched: list[bool]) -> list[torch.Tensor]:
+        """The gradients the next step reads, as flat tensors: slices of `grad`, and the p.grad
+        read in place (`direct`)."""
+        out = []
+        for a, b in self.runs(touched):
+            for x, y in self.split_direct(a, b):
+                if y == x + 1 and x in self.direct:
+                    out.append(self.direct[x])
+                else:
+                    out += [self.grad[u:v] for u, v, _ in self.pieces(*self.range_of(x, y))]
+        return out
+
     def run_views(self, flat: torch.Tensor, touched: list[bool]) -> list[torch.Tensor]:
         """The slices of `flat` that the runs of touched parameters cover, where this process
         keeps their state (all of them, unless ZeRO-1 sharded the arena)."""

@@ -283,7 +283,7 @@ class FusedOptimizer:
                     steps.add_(1)
                 else:
                     steps.add_(increment)
-                for x, y in _split_at(a, b, arena.direct):
+                for x, y in arena.split_direct(a, b):
                     for piece in arena.pieces(*arena.range_of(x, y)):  # the whole range, or this rank's shard of it
                         param, copy, grad, state = arena.step_slices(*piece)
                         grad = arena.direct.get(x, grad) if y == x + 1 else grad
@@ -400,23 +400,6 @@ class FusedOptimizer:
 def _shows(entry: dict | None, published: dict) -> bool:
     """Whether optimizer.state[p] (`entry`) still holds every tensor the arena published for p."""
     return all(map(operator.is_, map((entry or {}).get, published), published.values()))
-
-
-def _split_at(a: int, b: int, direct: dict) -> list[tuple[int, int]]:
-    """Parameters [a, b) as ranges to step: each parameter in `direct` alone, the ones between
-    together."""
-    if not direct:
-        return [(a, b)]
-    out, start = [], a
-    for i in range(a, b):
-        if i in direct:
-            if start < i:
-                out.append((start, i))
-            out.append((i, i + 1))
-            start = i + 1
-    if start < b:
-        out.append((start, b))
-    return out
 
 
 _ONES: dict[torch.device, torch.Tensor] = {}

@@ -342,11 +342,17 @@ class Pair(nn.Module):
         return self.a(x.to(self.a.weight.dtype)).float() + self.b(x.to(self.b.weight.dtype)).float()
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "mixed"])
-def test_swap_in_max_grad_norm_clips_like_clip_grad_norm(device_backend, kind):
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "mixed", "fp32-direct", "mixed-direct"])
+def test_swap_in_max_grad_norm_clips_like_clip_grad_norm(device_backend, kind, monkeypatch):
     """GradAccumulator(opt, max_grad_norm=c) in swap-in mode: the result of torch's
-    clip_grad_norm_(params, c) + torch.optim.SGD, computed in float64."""
+    clip_grad_norm_(params, c) + torch.optim.SGD, computed in float64. "-direct": every visible
+    p.grad is large enough to be stepped where it is (the norm must read it there too)."""
     device, _ = device_backend
+    if kind.endswith("-direct"):
+        from fusedaccum import optim as fa_optim
+
+        monkeypatch.setitem(fa_optim.DIRECT_STEP_NUMEL, device.type, 1)
+        kind = kind.removesuffix("-direct")
     dtypes = {"fp32": (torch.float32,) * 2, "bf16": (torch.bfloat16,) * 2, "mixed": (torch.float32, torch.bfloat16)}[kind]
     windows = data(3, device)
     scale, clip = 16.0, 1.0
