@@ -284,20 +284,21 @@ class Arena:
     def range_of(self, a: int, b: int) -> tuple[int, int]:
         return self.offsets[a], self.offsets[b - 1] + self.numels[b - 1]
 
-    def split_direct(self, a: int, b: int) -> list[tuple[int, int]]:
-        """Parameters [a, b) as ranges to step: each one whose gradient is read in place
-        (`direct`) alone, the ones between together."""
+    def split_direct(self, a: int, b: int) -> list[tuple[int, int, torch.Tensor | None]]:
+        """Parameters [a, b) as ranges to step, each with the gradient read in place for it: a
+        parameter in `direct` alone with its p.grad, the ones between together with None (their
+        gradient is the arena's `grad`)."""
         if not self.direct:
-            return [(a, b)]
+            return [(a, b, None)]
         out, start = [], a
         for i in range(a, b):
             if i in self.direct:
                 if start < i:
-                    out.append((start, i))
-                out.append((i, i + 1))
+                    out.append((start, i, None))
+                out.append((i, i + 1, self.direct[i]))
                 start = i + 1
         if start < b:
-            out.append((start, b))
+            out.append((start, b, None))
         return out
 
     def step_grads(self, touched: list[bool]) -> list[torch.Tensor]:
@@ -305,9 +306,9 @@ class Arena:
         read in place (`direct`)."""
         out = []
         for a, b in self.runs(touched):
-            for x, y in self.split_direct(a, b):
-                if y == x + 1 and x in self.direct:
-                    out.append(self.direct[x])
+            for x, y, direct in self.split_direct(a, b):
+                if direct is not None:
+                    out.append(direct)
                 else:
                     out += [self.grad[u:v] for u, v, _ in self.pieces(*self.range_of(x, y))]
         return out

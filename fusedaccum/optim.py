@@ -283,10 +283,10 @@ class FusedOptimizer:
                     steps.add_(1)
                 else:
                     steps.add_(increment)
-                for x, y in arena.split_direct(a, b):
+                for x, y, direct in arena.split_direct(a, b):
                     for piece in arena.pieces(*arena.range_of(x, y)):  # the whole range, or this rank's shard of it
                         param, copy, grad, state = arena.step_slices(*piece)
-                        grad = arena.direct.get(x, grad) if y == x + 1 else grad
+                        grad = grad if direct is None else direct
                         self._step_range(group, param, copy, grad, state, arena.steps[a], f, inf)
             arena.direct = {}  # p.grad belongs to torch again
             arena.advance_step_classes(t)
