@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -166,14 +167,12 @@ class JobsLog:
             self.file.close()
 
 
-def run_jobs(jobs, log: JobsLog, ref_gbps: float, clock: Clock | None = None,
-             between: list | None = None) -> tuple[list, list[dict], str | None]:
+def run_jobs(jobs, log: JobsLog, ref_gbps: float,
+             after_each: Callable[[], object] | None = None) -> tuple[list, list[dict], str | None]:
     """Runs the jobs in order: (results, errors, the job that was interrupted or None). A job that
     raises is reported and the next one runs; Ctrl-C (or `timeout -s INT`) stops the run, keeping
-    what was measured. With `clock` and `between`, the reference's in-place add is timed after
-    every job into `between`: a shared host's bandwidth drifts within a run, and the reference
-    is the best it showed (measured only at the start and the end, one run's reference came out
-    at 59-67 GB/s while its kernels ran at up to 150 % of that)."""
+    what was measured. `after_each` runs after every job (main: the reference's in-place add,
+    timed between jobs)."""
     progress_mod = report.optional("rich.progress")
     results, errors, interrupted = [], [], None
     # The jobs free what they built with gc.collect(); frozen, the objects that exist now
@@ -212,8 +211,8 @@ def run_jobs(jobs, log: JobsLog, ref_gbps: float, clock: Clock | None = None,
             results += got
             fa.set_backend(None)  # a timed call's setup (cases.under) leaves its backend forced
             release()
-            if clock is not None and between is not None:
-                between.append(clock.in_place_add_gbps())
+            if after_each is not None:
+                after_each()
             line = f"[{k}/{len(jobs)}] {job.label}: {time.perf_counter() - start:.1f} s" + (" FAILED" if failed else "")
             if progress is None:
                 print(line, flush=True)
@@ -274,8 +273,11 @@ def main(argv=None) -> int:
                                   "versions": versions(), "scale": scale, "backends": backends,
                                   "reference_bandwidth": bandwidth, "jobs": [j.label for j in jobs]})
     try:
+        # A shared host's bandwidth drifts within a run and the reference is the best it showed:
+        # timed only at the start and the end, one run's came out at 59-67 GB/s while its kernels
+        # ran at up to 150 % of that.
         between: list[float] = []
-        results, errors, interrupted = run_jobs(jobs, log, ref_gbps, clock, between)
+        results, errors, interrupted = run_jobs(jobs, log, ref_gbps, lambda: between.append(clock.in_place_add_gbps()))
     finally:
         log.close()
     # Measured again at the end (and its in-place add between jobs): the bandwidth of a shared
