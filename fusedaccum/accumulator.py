@@ -116,6 +116,7 @@ class GradAccumulator:
         process_group=None,
         shard_optimizer_state: bool = False,
         reduce_bucket_numel: int | None = None,
+        reduce_dtype: torch.dtype | None = None,
         main_grad: bool = False,
     ):
         if not isinstance(optimizer, FusedOptimizer):
@@ -144,6 +145,17 @@ class GradAccumulator:
             raise ValueError(
                 "process_group belongs to the full path: pass accumulation_steps=N and drive the loop with "
                 "acc.backward(loss) and acc.step(). In swap-in mode wrap the model in DistributedDataParallel as usual."
+            )
+        if reduce_dtype is not None and reduce_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"reduce_dtype must be None (the arena's own dtype: an exact fp32 reduction), torch.float32 or "
+                f"torch.bfloat16 (half the bytes on the wire: each rank's fp32 window sum is rounded to bf16 once); "
+                f"got {reduce_dtype}"
+            )
+        if reduce_dtype is not None and process_group is None:
+            raise ValueError(
+                "reduce_dtype is the dtype of the data-parallel reduction: pass process_group=... too "
+                "(dist.group.WORLD, or the data-parallel group)"
             )
         if shard_optimizer_state and process_group is None:
             raise ValueError(
@@ -198,6 +210,7 @@ class GradAccumulator:
         self._found_inf = None
         self._process_group = process_group
         self._reduce_bucket_numel = reduce_bucket_numel
+        self._reduce_dtype = reduce_dtype
         self._shard = bool(shard_optimizer_state)
         self._dp = None  # fusedaccum.distributed.DataParallel under process_group=...
         optimizer._accumulator = self
@@ -417,7 +430,8 @@ class GradAccumulator:
 
             if self._dp is not None:
                 self._dp.discard()
-            self._dp = DataParallel(self._windows, self._process_group, self._reduce_bucket_numel, self._shard)
+            self._dp = DataParallel(self._windows, self._process_group, self._reduce_bucket_numel, self._shard,
+                                    self._reduce_dtype)
             if self._shard:
                 self.optimizer._unpublish_shards()
 

@@ -14,6 +14,11 @@ count per bucket, buckets reduced in a fixed order):
   gradient on any rank: the window's mean is over every item of every rank, and a parameter
   used on one rank steps on all (DDP's find_unused_parameters semantics: the others add zero).
 * The reduction is a sum; the mean's 1/world joins the step's device-side factor.
+* reduce_dtype=torch.bfloat16 sends each bucket as bf16 (half the bytes): each rank's window is
+  still summed in the fp32 arena, its sum is rounded to bf16 once, the ranks' sums are added in
+  bf16 by the collective, and the result is widened back into the arena before the step. The
+  bf16 buffer of each bucket is kept for the bucket's life (2 B per parameter, as DDP keeps its
+  buckets).
 
 With shard_optimizer_state=True (ZeRO-1) each bucket is cut into `world` equal pieces and
 rank r keeps the optimizer state (and fp32 master or remainder) of its piece only: the bucket
@@ -50,6 +55,7 @@ class Bucket:
         self.expected = 0  # parameters to fold in this micro-batch before the bucket is complete
         self.folded = 0
         self.launched = False
+        self.wire: torch.Tensor | None = None  # with reduce_dtype: what goes over the wire (kept)
 
     def mine(self, rank: int) -> tuple[int, int]:
         """The range of the arena this rank keeps state for (sharded); may be empty at the end."""
@@ -57,7 +63,8 @@ class Bucket:
 
 
 class DataParallel:
-    def __init__(self, windows: list, group, reduce_bucket_numel: int | None, shard: bool = False):
+    def __init__(self, windows: list, group, reduce_bucket_numel: int | None, shard: bool = False,
+                 reduce_dtype: torch.dtype | None = None):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 "GradAccumulator(..., process_group=...) needs torch.distributed initialized: call "
@@ -72,6 +79,7 @@ class DataParallel:
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.shard = bool(shard)
+        self.reduce_dtype = reduce_dtype  # None: each arena's gradient dtype
         self.windows = windows
         self._check_same_setup()
         self.buckets: list[Bucket] = []
@@ -94,18 +102,19 @@ class DataParallel:
         mine = [(str(w.arena.dtype), str(w.arena.grad.dtype), [tuple(p.shape) for p in w.arena.params],
                  [bool(p.requires_grad) for p in w.arena.params]) for w in self.windows]
         every = [None] * self.world
-        dist.all_gather_object(every, (self.shard, mine), group=self.group)
-        for rank, (shard, theirs) in enumerate(every):
+        options = (self.shard, str(self.reduce_dtype))
+        dist.all_gather_object(every, (options, mine), group=self.group)
+        for rank, (theirs_options, theirs) in enumerate(every):
             if theirs != mine:
                 raise ValueError(
                     f"data parallel needs the same parameters on every rank (shapes, dtypes, requires_grad, in the "
                     f"same order), but rank {self.rank} and rank {rank} differ. Build the model and the "
                     f"optimizer the same way on every rank."
                 )
-            if shard != self.shard:
+            if theirs_options != options:
                 raise ValueError(
-                    f"shard_optimizer_state is {self.shard} on rank {self.rank} but {shard} on rank {rank}: pass the "
-                    f"same GradAccumulator arguments on every rank"
+                    f"(shard_optimizer_state, reduce_dtype) is {options} on rank {self.rank} but {theirs_options} on "
+                    f"rank {rank}: pass the same GradAccumulator arguments on every rank"
                 )
 
     def _broadcast_parameters(self) -> None:
@@ -252,8 +261,25 @@ class DataParallel:
         self.next_launch += 1
         if self.shard:
             self.works.append(self._reduce_scatter(arena.grad, b))
-        else:
-            self.works.append((dist.all_reduce(arena.grad[b.lo : b.hi], group=self.group, async_op=True), None))
+            return
+        flat = arena.grad[b.lo : b.hi]
+        wire = self._wire(b)
+        if wire is None:
+            self.works.append((dist.all_reduce(flat, group=self.group, async_op=True), None))
+            return
+        wire.copy_(flat)  # the rank's fp32 window sum, rounded once
+        self.works.append((dist.all_reduce(wire, group=self.group, async_op=True), lambda: flat.copy_(wire)))
+
+    def _wire(self, b: Bucket) -> torch.Tensor | None:
+        """The bucket's buffer in reduce_dtype (world * piece elements when sharded), or None where
+        the arena's gradient is already in that dtype."""
+        grad = self.windows[b.window_index].arena.grad
+        if self.reduce_dtype is None or self.reduce_dtype == grad.dtype:
+            return None
+        if b.wire is None:
+            n = self.world * b.piece if self.shard else b.hi - b.lo
+            b.wire = grad.new_zeros(n, dtype=self.reduce_dtype)  # zeros: a sharded bucket's padding stays zero
+        return b.wire
 
     def end_of_backward(self, items: torch.Tensor) -> None:
         """After the last backward (every fold done, listening stopped): launch what is left, then the
@@ -273,12 +299,15 @@ class DataParallel:
     # -- the sharded collectives (in place, as NCCL and gloo allow) ----------------------
 
     def _reduce_scatter(self, flat: torch.Tensor, b: Bucket):
-        """Starts summing flat[b.lo:b.hi] over the ranks into this rank's piece of it."""
+        """Starts summing flat[b.lo:b.hi] over the ranks into this rank's piece of it (through the
+        bucket's reduce_dtype buffer, or a padded copy where the bucket is not world equal pieces)."""
         r, s = self.rank, b.piece
-        if not b.staged:
+        padded = self._wire(b)
+        if padded is None and not b.staged:
             piece = flat[b.lo + r * s : b.lo + (r + 1) * s]
             return _reduce_scatter(piece, flat[b.lo : b.hi], group=self.group, async_op=True), None
-        padded = flat.new_zeros(self.world * s)
+        if padded is None:
+            padded = flat.new_zeros(self.world * s)
         padded[: b.hi - b.lo].copy_(flat[b.lo : b.hi])
         work = _reduce_scatter(padded[r * s : (r + 1) * s], padded, group=self.group, async_op=True)
         x, y = b.mine(r)

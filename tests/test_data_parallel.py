@@ -14,6 +14,9 @@ group, and leaves its results in files; the tests then compare:
 * a checkpoint in the middle of a window and one between the last backward and the step resume exactly;
 * fused modules (fa.fuse_modules): a fused model matches the same references, and its buckets are
   reduced during the last backward as their fused writes complete;
+* reduce_dtype=torch.bfloat16: the collectives carry bf16 buckets, and what comes back is the
+  ranks' fp32 window sums, each rounded to bf16 once, added (bit-exact with 2 ranks); fp32 and
+  bf16 models with it train as DDP + no_sync does within bf16's precision;
 * ZeRO-1 (shard_optimizer_state=True) runs every case above too, and: one reduce-scatter and one
   all-gather per bucket, each rank keeping about 1/world of the optimizer state; its state_dict is
   the unsharded run's, and loads into torch.optim and into a single-process fusedaccum optimizer.
@@ -55,6 +58,7 @@ FP32_RTOL = 1e-6
 BF16_ULPS = 3
 CPU_BACKENDS = [b for b in dispatch.BACKENDS if dispatch.runs_on(b, "cpu")]
 REF = "torch.optim"
+WIRE = {"fp32": None, "bf16": torch.bfloat16}
 BUCKETS = dict(bucket_numel=64, reduce_bucket_numel=100)  # several folds and reductions per backward
 # ZeRO-1's state against the unsharded run's after 3 windows: the reduced gradients may differ in
 # their last bit (other summation order), which Adam's 1/sqrt(v) and three steps amplify a little.
@@ -70,21 +74,26 @@ class Case:
     master: bool | str = True  # bf16: master_weights (True: an fp32 master; "remainder": broadcast and stepped too)
     shard: bool = False  # ZeRO-1: shard_optimizer_state=True
     fused: bool = False  # fa.fuse_modules(model): the Linear weight gradients written straight into the arena
+    wire: str = "fp32"  # "bf16": reduce_dtype=torch.bfloat16 (the DDP reference reduces in the model's dtype)
 
     @property
     def id(self) -> str:
         return (f"{self.opt}-{'clip' if self.clip else 'noclip'}-{self.dtype}" + ("-2groups" if self.groups else "")
                 + ("-remainder" if self.master == "remainder" else "") + ("-zero1" if self.shard else "")
-                + ("-fused" if self.fused else ""))
+                + ("-fused" if self.fused else "") + ("-bf16wire" if self.wire == "bf16" else ""))
 
     @property
     def ref_id(self) -> str:  # the DDP reference does not shard or fuse
-        return replace(self, shard=False, fused=False).id
+        return replace(self, shard=False, fused=False, wire="fp32").id
+
+    @property
+    def precision(self) -> str:  # what the comparison with the reference allows
+        return "bf16" if "bf16" in (self.dtype, self.wire) else "fp32"
 
 
 UNSHARDED = ([Case(o, c) for o in ("AdamW", "Adam", "SGD", "Lion") for c in (False, True)]
              + [Case("AdamW", True, "bf16"), Case("AdamW", True, "bf16", master="remainder"),
-                Case("AdamW", True, groups=True)])
+                Case("AdamW", True, groups=True), Case("AdamW", True, wire="bf16"), Case("AdamW", True, "bf16", wire="bf16")])
 FUSED = [Case("AdamW", True, fused=True), Case("AdamW", True, shard=True, fused=True),
          Case("AdamW", True, "bf16", fused=True), Case("AdamW", True, groups=True, fused=True)]
 CASES = UNSHARDED + [replace(c, shard=True) for c in UNSHARDED] + FUSED
@@ -181,7 +190,7 @@ def _fa(case: Case, rank: int, pg):
         fa.fuse_modules(model)
     acc = fa.GradAccumulator(_opt(fa, case, model.parameters()), accumulation_steps=MICRO,
                              max_grad_norm=CLIP if case.clip else None, process_group=pg,
-                             shard_optimizer_state=case.shard, **BUCKETS)
+                             shard_optimizer_state=case.shard, reduce_dtype=WIRE[case.wire], **BUCKETS)
     norms = []
     for w in range(WINDOWS):
         for m in range(MICRO):
@@ -338,6 +347,47 @@ def _fa_ready(rank: int, fused: bool, pg):
     return {"launched_in_backward": seen, "buckets": len(dp.buckets)}
 
 
+def _fa_wire(rank: int, shard: bool, pg):
+    """reduce_dtype=torch.bfloat16 seen from inside: each bucket's local fp32 window sum as the
+    launch finds it, what the reduction leaves in the arena (this rank's pieces when sharded),
+    and the dtypes the collectives were handed."""
+    from fusedaccum import distributed as fdp
+
+    model = _model(rank)
+    acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=CLIP,
+                             process_group=pg, shard_optimizer_state=shard, reduce_dtype=torch.bfloat16, **BUCKETS)
+    dp, local, dtypes = acc._dp, {}, []
+    real = {"launch": dp._launch, "all_reduce": dist.all_reduce, "reduce_scatter": fdp._reduce_scatter}
+
+    def launch(b):
+        local[dp.buckets.index(b)] = dp.windows[b.window_index].arena.grad[b.lo : b.hi].clone()
+        real["launch"](b)
+
+    def seen(kind):
+        def call(tensor, *a, **k):
+            dtypes.append((kind, str((a[0] if kind == "reduce_scatter" else tensor).dtype)))
+            return real[kind](tensor, *a, **k)
+
+        return call
+
+    dp._launch = launch
+    dist.all_reduce, fdp._reduce_scatter = seen("all_reduce"), seen("reduce_scatter")
+    try:
+        for m in range(MICRO):
+            x, y = _batch(rank, 0, m)
+            acc.backward(F.mse_loss(model(x), y))
+            if m == MICRO - 1:
+                dp.wait()
+                reduced = {}
+                for k, b in enumerate(dp.buckets):
+                    x0, y0 = b.mine(rank) if shard else (b.lo, b.hi)
+                    reduced[k] = (x0 - b.lo, dp.windows[b.window_index].arena.grad[x0:y0].clone())
+            acc.step()
+    finally:
+        dist.all_reduce, fdp._reduce_scatter = real["all_reduce"], real["reduce_scatter"]
+    return {"local": local, "reduced": reduced, "dtypes": dtypes}
+
+
 def _build_adamw(rank: int, pg, shard: bool = False):
     model = _model(rank)
     acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=CLIP,
@@ -447,6 +497,16 @@ def _fa_mismatch(rank: int, pg):
     return None
 
 
+def _fa_options_mismatch(rank: int, pg):
+    model = nn.Linear(8, 4)
+    try:  # a bf16 wire on rank 0 only: the collectives would not match
+        fa.GradAccumulator(fa.SGD(model.parameters(), lr=0.1), accumulation_steps=2, process_group=pg,
+                           reduce_dtype=torch.bfloat16 if rank == 0 else None)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _guard(fn, *args) -> dict:
     try:
         return {"ok": fn(*args)}
@@ -473,7 +533,8 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str, backends: lis
         os.replace(path + ".tmp", path)
 
     for case in UNSHARDED:
-        run((REF, case.id), None, _ref_ddp, case, rank)
+        if case.id == case.ref_id:  # the cases that differ in fa's options only share a reference
+            run((REF, case.id), None, _ref_ddp, case, rank)
     run((REF, "unused"), None, _ref_unused, rank, world)
     for b in backends:
         for case in CASES:
@@ -487,10 +548,12 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str, backends: lis
             run((b, "plain" + z), b, _fa_plain, rank, shard)
             run((b, "resume-mid" + z), b, _fa_resume, rank, False, shard)
             run((b, "resume-reduced" + z), b, _fa_resume, rank, True, shard)
+            run((b, "wire" + z), b, _fa_wire, rank, shard)
         run((b, "zero1-checkpoint"), b, _fa_zero1_checkpoint, rank)
         for fused in (False, True):
             run((b, "ready" + "-fused" * fused), b, _fa_ready, rank, fused)
         run((b, "mismatch"), b, _fa_mismatch, rank)
+        run((b, "mismatch-options"), b, _fa_options_mismatch, rank)
     dist.destroy_process_group()
 
 
@@ -547,7 +610,7 @@ def test_matches_ddp_no_sync_and_torch_optim(case, device_backend, spawned):
     refs, got = _results(spawned, (REF, case.ref_id)), _results(spawned, (b, case.id))
     _identical_across_ranks(refs, "the DDP reference")
     _identical_across_ranks([g["params"] for g in got], "fa")
-    problems = [p for r in range(len(refs)) for p in _close(got[r]["params"], refs[r], case.dtype, f"rank {r}")]
+    problems = [p for r in range(len(refs)) for p in _close(got[r]["params"], refs[r], case.precision, f"rank {r}")]
     assert not problems, "data parallel differs from DDP + no_sync + torch.optim:\n" + "\n".join(problems)
     assert len({tuple(g["norms"]) for g in got}) == 1, "the ranks see different gradient norms"
 
@@ -605,6 +668,37 @@ def test_one_reduction_per_bucket_and_none_before_the_last_micro_batch(shard, de
             assert counts == want, f"rank {rank}: after {kind} of window {w} micro-batch {m}: {counts}; want {want}"
 
 
+@pytest.mark.parametrize("z", ["", "-zero1"], ids=["whole", "zero1"])
+def test_a_bf16_wire_adds_the_ranks_fp32_sums_rounded_once(z, device_backend, spawned):
+    b = _backend(device_backend)
+    got = _results(spawned, (b, "wire" + z))
+    world = len(got)
+    for rank, res in enumerate(got):
+        kinds = {kind: {d for k, d in res["dtypes"] if k == kind} for kind, _ in res["dtypes"]}
+        # The buckets go as bf16; the window's summary (items, which parameters stepped) and the
+        # sharded norm stay exact.
+        wire = "reduce_scatter" if z else "all_reduce"
+        assert "torch.bfloat16" in kinds[wire], f"rank {rank}: the collectives saw {res['dtypes']}"
+        assert kinds.get("reduce_scatter", set()) <= {"torch.bfloat16"}, f"rank {rank}: {res['dtypes']}"
+        assert len(res["local"]) >= 3 and res["local"].keys() == res["reduced"].keys()
+        for k, (start, reduced) in res["reduced"].items():
+            rounded = [got[r]["local"][k].bfloat16().double() for r in range(world)]
+            want = sum(rounded)[start : start + reduced.numel()]
+            if world == 2:  # one bf16 addition: exact to the bit whatever the order
+                want = want.bfloat16().float()
+                assert torch.equal(reduced, want), f"rank {rank}, bucket {k}: not the ranks' bf16 sums added"
+            else:  # world - 1 additions in bf16, in the collective's order
+                bound = (world - 1) * 2.0**-8 * sum(r.abs() for r in rounded)[start : start + reduced.numel()]
+                err = (reduced.double() - want).abs()
+                assert bool((err <= bound).all()), f"rank {rank}, bucket {k}: off by {(err - bound).max():.3g}"
+            assert reduced.dtype == torch.float32, "the step reads the reduction from the fp32 arena"
+            assert torch.equal(reduced.bfloat16().float(), reduced), f"rank {rank}, bucket {k}: not what the wire carried"
+    if not z:
+        for k in got[0]["reduced"]:
+            for rank in range(1, world):
+                assert torch.equal(got[rank]["reduced"][k][1], got[0]["reduced"][k][1]), f"bucket {k}: ranks differ"
+
+
 @pytest.mark.parametrize("fused", ["", "-fused"], ids=["hooks", "fused"])
 def test_buckets_are_reduced_as_their_gradients_complete(fused, device_backend, spawned):
     b = _backend(device_backend)
@@ -638,7 +732,8 @@ def test_zero1_keeps_a_share_of_the_state_and_its_state_dict_is_the_whole_runs(c
         assert got.keys() == want.keys(), f"rank {rank}: state for parameters {sorted(got)}; want {sorted(want)}"
         for k in want:
             assert got[k].keys() == want[k].keys(), f"rank {rank}, parameter {k}: {sorted(got[k])}; want {sorted(want[k])}"
-            problems = _close(got[k], want[k], "fp32", f"rank {rank}, parameter {k}", rtol=STATE_RTOL)
+            # (a bf16 wire: the sums of 3 ranks may round differently by a bf16 ulp)
+            problems = _close(got[k], want[k], case.wire, f"rank {rank}, parameter {k}", rtol=STATE_RTOL)
             assert not problems, "\n".join(problems)
 
 
@@ -667,6 +762,8 @@ def test_ranks_with_different_parameters_are_refused(device_backend, spawned):
     b = _backend(device_backend)
     for rank, message in enumerate(_results(spawned, (b, "mismatch"))):
         assert message is not None and "same parameters on every rank" in message, f"rank {rank}: {message}"
+    for rank, message in enumerate(_results(spawned, (b, "mismatch-options"))):
+        assert message is not None and "same GradAccumulator arguments" in message, f"rank {rank}: {message}"
 
 
 def test_process_group_needs_torch_distributed_and_the_full_path():
@@ -676,6 +773,11 @@ def test_process_group_needs_torch_distributed_and_the_full_path():
             fa.GradAccumulator(fa.SGD(model.parameters(), lr=0.1), accumulation_steps=2, process_group=object())
     with pytest.raises(ValueError, match="full path"):
         fa.GradAccumulator(fa.SGD(model.parameters(), lr=0.1), process_group=object())
+    with pytest.raises(ValueError, match="pass process_group"):
+        fa.GradAccumulator(fa.SGD(model.parameters(), lr=0.1), accumulation_steps=2, reduce_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="reduce_dtype must be"):
+        fa.GradAccumulator(fa.SGD(model.parameters(), lr=0.1), accumulation_steps=2, process_group=object(),
+                           reduce_dtype=torch.float16)
 
 
 def _nccl_worker(rank: int, init_method: str, out: str) -> None:
@@ -684,11 +786,11 @@ def _nccl_worker(rank: int, init_method: str, out: str) -> None:
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     result = {}
-    for name, pg, shard in (("nccl", dist.group.WORLD, False), ("nccl-zero1", dist.group.WORLD, True),
-                            ("single", None, False)):
+    for name, pg, shard, wire in (("nccl", dist.group.WORLD, False, None), ("nccl-zero1", dist.group.WORLD, True, None),
+                                  ("nccl-bf16wire", dist.group.WORLD, True, torch.bfloat16), ("single", None, False, None)):
         torch.manual_seed(100)
         model = _Net().to(device)
-        kw = dict(process_group=pg, shard_optimizer_state=shard, **BUCKETS) if pg is not None else {}
+        kw = dict(process_group=pg, shard_optimizer_state=shard, reduce_dtype=wire, **BUCKETS) if pg is not None else {}
         acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=CLIP, **kw)
         for w in range(WINDOWS):
             for m in range(MICRO):
@@ -701,11 +803,13 @@ def _nccl_worker(rank: int, init_method: str, out: str) -> None:
 
 
 def test_nccl_world_of_one_equals_the_single_process_path(tmp_path):
-    """On a GPU machine: the NCCL path end to end, whole and sharded (world size 1: the reduction is the identity)."""
+    """On a GPU machine: the NCCL path end to end, whole and sharded (world size 1: the reduction is the
+    identity; with a bf16 wire, the rounding to bf16)."""
     if not torch.cuda.is_available() or not dist.is_nccl_available():
         pytest.skip("needs CUDA and NCCL")
     out = str(tmp_path / "nccl.pt")
     mp.spawn(_nccl_worker, args=(f"tcp://127.0.0.1:{free_port()}", out), nprocs=1)
     res = torch.load(out, weights_only=False)
-    problems = _close(res["nccl"], res["single"], "fp32", "nccl") + _close(res["nccl-zero1"], res["single"], "fp32", "zero1")
+    problems = (_close(res["nccl"], res["single"], "fp32", "nccl") + _close(res["nccl-zero1"], res["single"], "fp32", "zero1")
+                + _close(res["nccl-bf16wire"], res["single"], "bf16", "zero1 with a bf16 wire"))
     assert not problems, "\n".join(problems)
