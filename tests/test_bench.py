@@ -63,19 +63,19 @@ def test_bench_cli_writes_a_complete_run(tmp_path):
 
 
 def test_bench_data_parallel_section(tmp_path):
-    """Two gloo processes: DDP with and without no_sync against process_group= (whole and ZeRO-1), plus
-    the bytes sent and the optimizer state kept per rank."""
+    """Two gloo processes: DDP with and without no_sync against process_group= (whole, ZeRO-1, a bf16
+    wire), plus the bytes sent and the optimizer state kept per rank."""
     argv = ["--device", "cpu", "--tiny", "--cases", "data-parallel", "--accumulation-steps", "2", "--out", str(tmp_path)]
     assert main(argv) == 0
     runs = [p for p in tmp_path.glob("*.json") if not p.name.startswith("latest-")]
     run = json.loads(runs[0].read_text())
     rows = run["rows"]
     assert [(r["standard"], r["fused"]) for r in rows] == [
-        (std, fused) for fused in ("process_group=", "process_group= + ZeRO-1")
+        (std, fused) for fused in ("process_group=", "process_group= + ZeRO-1", "process_group=, bf16 wire")
         for std in ("DDP, every micro-batch", "DDP + no_sync()")]
     assert all(r["section"] == "data-parallel" and r["fused_s"] > 0 for r in rows)
     note = next(n for n in run["notes"] if n.startswith("data-parallel"))
-    sides = r"(DDP, every micro-batch|DDP \+ no_sync\(\)|process_group= \+ ZeRO-1|process_group=) ([\d.]+)"
+    sides = r"(DDP, every micro-batch|DDP \+ no_sync\(\)|process_group= \+ ZeRO-1|process_group=, bf16 wire|process_group=) ([\d.]+)"
     sent_part, state_part = note.split("optimizer state")
     sent = {side: float(x) for side, x in re.findall(sides + r"[,;]", sent_part)}
     state = {side: float(x) for side, x in re.findall(sides + r" B", state_part)}
@@ -87,6 +87,8 @@ def test_bench_data_parallel_section(tmp_path):
     assert state["DDP + no_sync()"] == 8.0 and 8.0 <= state["process_group="] < 8.1
     assert 4.0 <= state["process_group= + ZeRO-1"] < 4.1
     assert 4.0 <= sent["process_group="] < 4.1, "the arena's alignment padding and the window's summary: a few elements"
+    assert 2.0 <= sent["process_group=, bf16 wire"] < 2.1, "bf16 buckets: half the bytes"
+    assert 8.0 <= state["process_group=, bf16 wire"] < 8.1
 
 
 def test_bench_fused_modules_section(tmp_path):

@@ -19,7 +19,8 @@ group, and leaves its results in files; the tests then compare:
   bf16 models with it train as DDP + no_sync does within bf16's precision;
 * ZeRO-1 (shard_optimizer_state=True) runs every case above too, and: one reduce-scatter and one
   all-gather per bucket, each rank keeping about 1/world of the optimizer state; its state_dict is
-  the unsharded run's, and loads into torch.optim and into a single-process fusedaccum optimizer.
+  the unsharded run's, and loads into torch.optim and into a single-process fusedaccum optimizer;
+* examples/train_ddp.py under torchrun, as the README runs it, to a clean exit.
 """
 from __future__ import annotations
 
@@ -27,8 +28,11 @@ import datetime
 import io
 import math
 import os
+import subprocess
+import sys
 import traceback
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -813,3 +817,19 @@ def test_nccl_world_of_one_equals_the_single_process_path(tmp_path):
     problems = (_close(res["nccl"], res["single"], "fp32", "nccl") + _close(res["nccl-zero1"], res["single"], "fp32", "zero1")
                 + _close(res["nccl-bf16wire"], res["single"], "bf16", "zero1 with a bf16 wire"))
     assert not problems, "\n".join(problems)
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_ddp.py"
+
+
+@pytest.mark.parametrize("flags", [[], ["--shard", "--bf16-wire"]], ids=["whole", "zero1-bf16wire"])
+def test_the_torchrun_example_runs(flags, tmp_path):
+    """The README's command, as a user runs it: torchrun, 2 ranks on gloo, to a clean exit."""
+    if not EXAMPLE.exists():
+        pytest.skip("examples/ is not next to tests/ (an installed copy of the tests)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE),
+           "--windows", "3", *flags]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S, cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert "parameters identical on every rank" in res.stdout, out
+    assert res.returncode == 0, out

@@ -11,6 +11,7 @@ every selected backend, after checking that both compute the same thing):
   end-to-end   the seed training loop and a small transformer LM, optimizer steps per second
   host         thousands of tiny gradients: the host's time per gradient and per call
   data-parallel  2 processes on gloo: DDP (with and without no_sync) against process_group=
+                 (whole, ZeRO-1, a bf16 wire)
 
 GB/s always counts the floor bytes of DESIGN.md (the bytes fusedaccum must move), for the
 standard side too, so GB/s ratios equal time ratios and "% of copy" says how close each side

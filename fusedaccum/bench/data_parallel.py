@@ -8,6 +8,9 @@ alternation inside the same two processes:
   process_group=           fa.GradAccumulator reduces the arena during the last backward
   process_group= + ZeRO-1  the same with shard_optimizer_state=True: reduce-scatter, each rank
                            steps its half, all-gather of the parameters
+  process_group=, bf16 wire reduce_dtype=torch.bfloat16: the same reduction in half the bytes
+                           (each rank's fp32 window sum rounded to bf16 once; a different
+                           result from the others', within bf16's precision)
 
 Also measured, per window: the bytes each rank sends through the collectives (DDP through a
 comm hook, fusedaccum by counting its calls), counted as a ring does (NCCL's "bus bytes"): an
@@ -36,7 +39,9 @@ from fusedaccum import distributed as fdp
 from fusedaccum.bench.cases import MAX_GRAD_NORM, Layout, Row, Settings, gpt2_shapes, probe_loss, random_tensors
 
 WORLD = 2
-SIDES = ("DDP, every micro-batch", "DDP + no_sync()", "process_group=", "process_group= + ZeRO-1")
+SIDES = ("DDP, every micro-batch", "DDP + no_sync()", "process_group=", "process_group= + ZeRO-1",
+         "process_group=, bf16 wire")
+BF16_WIRE = SIDES[4]
 
 
 def dp_layout(scale: str) -> Layout:
@@ -107,11 +112,11 @@ def _worker(rank: int, init_method: str, shapes, n: int, rounds: int, out: str) 
 
         return window, opt, model
 
-    def fa_side(side: str, shard: bool):
+    def fa_side(side: str, shard: bool, wire: torch.dtype | None = None):
         model = Probe(init, scales)
         opt = fa.AdamW(model.parameters(), lr=1e-3)
         acc = fa.GradAccumulator(opt, accumulation_steps=n, max_grad_norm=MAX_GRAD_NORM,
-                                 process_group=dist.group.WORLD, shard_optimizer_state=shard)
+                                 process_group=dist.group.WORLD, shard_optimizer_state=shard, reduce_dtype=wire)
         real = {"all_reduce": dist.all_reduce, "_reduce_scatter": fdp._reduce_scatter, "_all_gather": fdp._all_gather}
 
         def counted(name, arg):  # arg: which argument is the whole buffer
@@ -137,18 +142,21 @@ def _worker(rank: int, init_method: str, shapes, n: int, rounds: int, out: str) 
 
     windows, opts, models = {}, {}, {}
     makers = (lambda: ddp_side(SIDES[0], False), lambda: ddp_side(SIDES[1], True),
-              lambda: fa_side(SIDES[2], False), lambda: fa_side(SIDES[3], True))
+              lambda: fa_side(SIDES[2], False), lambda: fa_side(SIDES[3], True),
+              lambda: fa_side(BF16_WIRE, False, torch.bfloat16))
     for side, make in zip(SIDES, makers):
         windows[side], opts[side], models[side] = make()
-    # One window each, counted: the bytes sent, and the check that all three computed the same.
+    # One window each, counted: the bytes sent, and the check that all computed the same (the bf16
+    # wire within what one AdamW step from a gradient rounded to bf16 can move: lr * 2^-7).
     counting["on"] = True
     for side in SIDES:
         windows[side]()
     counting["on"] = False
     first = [p.detach() for p in models[SIDES[0]].parameters()]
     for side in SIDES[1:]:
+        tol = dict(rtol=0, atol=1e-3 * 2.0**-7) if side == BF16_WIRE else dict(rtol=1e-5, atol=1e-6)
         for a, b in zip(first, models[side].parameters()):
-            torch.testing.assert_close(b.detach(), a, rtol=1e-5, atol=1e-6, msg=f"{side} differs from {SIDES[0]}")
+            torch.testing.assert_close(b.detach(), a, **tol, msg=f"{side} differs from {SIDES[0]}")
     times = {side: [] for side in SIDES}
     for _ in range(rounds):  # in alternation: every side sees the same machine
         for side in SIDES:
@@ -196,6 +204,6 @@ def data_parallel_job(s: Settings) -> list[Row]:
         + ", ".join(f"{side} {per_param[side]:.2f}" for side in SIDES)
         + "; optimizer state per rank and parameter: "
         + ", ".join(f"{side} {state[side]:.2f} B" for side in SIDES)
-        + " (fp32 moments; ZeRO-1 keeps 1/world of them)"
+        + " (fp32 moments; ZeRO-1 keeps 1/world of them; the bf16 wire keeps a 2 B buffer per parameter besides)"
     )
     return rows
