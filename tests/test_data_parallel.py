@@ -25,6 +25,7 @@ group, and leaves its results in files; the tests then compare:
 from __future__ import annotations
 
 import datetime
+import functools
 import io
 import math
 import os
@@ -392,42 +393,42 @@ def _fa_wire(rank: int, shard: bool, pg):
     return {"local": local, "reduced": reduced, "dtypes": dtypes}
 
 
-def _build_adamw(rank: int, pg, shard: bool = False):
+def _build_adamw(rank: int, pg, shard: bool = False, wire: torch.dtype | None = None):
     model = _model(rank)
     acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=CLIP,
-                             process_group=pg, shard_optimizer_state=shard, **BUCKETS)
+                             process_group=pg, shard_optimizer_state=shard, reduce_dtype=wire, **BUCKETS)
     return model, acc
 
 
-def _save_and_rebuild(model, acc, rank: int, pg, shard: bool):
+def _save_and_rebuild(model, acc, rank: int, pg, shard: bool, wire: torch.dtype | None = None):
     """torch.save and torch.load of everything, then a new model, optimizer and accumulator that load it."""
     saved = torch.load(_roundtrip({"model": model.state_dict(), "opt": acc.optimizer.state_dict(),
                                    "acc": acc.state_dict()}), weights_only=False)
-    model, acc = _build_adamw(rank, pg, shard)
+    model, acc = _build_adamw(rank, pg, shard, wire)
     model.load_state_dict(saved["model"])
     acc.optimizer.load_state_dict(saved["opt"])
     acc.load_state_dict(saved["acc"])
     return model, acc
 
 
-def _fa_resume(rank: int, after_backward: bool, shard: bool, pg):
+def _fa_resume(rank: int, after_backward: bool, shard: bool, pg, wire: torch.dtype | None = None):
     """Saves and resumes in window 1: after its first micro-batch, or after its last backward (the
     gradients reduced, the step not taken)."""
-    model, acc = _build_adamw(rank, pg, shard)
+    model, acc = _build_adamw(rank, pg, shard, wire)
     for w in range(WINDOWS):
         for m in range(MICRO):
             if w == 1 and m == 1 and not after_backward:
-                model, acc = _save_and_rebuild(model, acc, rank, pg, shard)
+                model, acc = _save_and_rebuild(model, acc, rank, pg, shard, wire)
             x, y = _batch(rank, w, m)
             acc.backward(F.mse_loss(model(x), y))
             if w == 1 and m == MICRO - 1 and after_backward:
-                model, acc = _save_and_rebuild(model, acc, rank, pg, shard)
+                model, acc = _save_and_rebuild(model, acc, rank, pg, shard, wire)
             acc.step()
     return _snapshot(model)
 
 
-def _fa_plain(rank: int, shard: bool, pg):
-    model, acc = _build_adamw(rank, pg, shard)
+def _fa_plain(rank: int, shard: bool, pg, wire: torch.dtype | None = None):
+    model, acc = _build_adamw(rank, pg, shard, wire)
     for w in range(WINDOWS):
         for m in range(MICRO):
             x, y = _batch(rank, w, m)
@@ -553,6 +554,10 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str, backends: lis
             run((b, "resume-mid" + z), b, _fa_resume, rank, False, shard)
             run((b, "resume-reduced" + z), b, _fa_resume, rank, True, shard)
             run((b, "wire" + z), b, _fa_wire, rank, shard)
+        bf16_wire = dict(wire=torch.bfloat16)
+        run((b, "plain-bf16wire"), b, functools.partial(_fa_plain, **bf16_wire), rank, False)
+        run((b, "resume-mid-bf16wire"), b, functools.partial(_fa_resume, **bf16_wire), rank, False, False)
+        run((b, "resume-reduced-bf16wire"), b, functools.partial(_fa_resume, **bf16_wire), rank, True, False)
         run((b, "zero1-checkpoint"), b, _fa_zero1_checkpoint, rank)
         for fused in (False, True):
             run((b, "ready" + "-fused" * fused), b, _fa_ready, rank, fused)
@@ -711,7 +716,7 @@ def test_buckets_are_reduced_as_their_gradients_complete(fused, device_backend, 
         assert res["launched_in_backward"] == [res["buckets"]], f"rank {rank}: {res}"
 
 
-@pytest.mark.parametrize("z", ["", "-zero1"], ids=["whole", "zero1"])
+@pytest.mark.parametrize("z", ["", "-zero1", "-bf16wire"], ids=["whole", "zero1", "bf16wire"])
 @pytest.mark.parametrize("where", ["resume-mid", "resume-reduced"])
 def test_resume_per_rank(where, z, device_backend, spawned):
     b = _backend(device_backend)
