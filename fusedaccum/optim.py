@@ -344,6 +344,81 @@ class FusedOptimizer:
                 state[index[id(p)]] = entry
         return state
 
+    def sharded_state_dict(self) -> dict:
+        """ZeRO-1: this rank's share of the state, for a checkpoint file per rank. No collective and
+        no whole tensor: the moments, masters and remainders this rank keeps (the live buffers, as
+        torch.optim's state_dict hands out its live tensors), the step counts and param_groups.
+        It loads only into the same layout (world size, rank, reduce_bucket_numel, parameters):
+        load_sharded_state_dict. To change the layout, save state_dict() (whole, every rank)."""
+        if not self._sharded:
+            raise RuntimeError(
+                f"sharded_state_dict() is for an optimizer whose state is sharded across ranks "
+                f"(GradAccumulator(..., shard_optimizer_state=True)); this {type(self).__name__} keeps all of it: "
+                f"save opt.state_dict()"
+            )
+        saved = torch.optim.Optimizer.state_dict(self)  # param_groups; the state shows the step (and user keys)
+        shards = []
+        for arena in self._arenas:
+            shards.append({
+                "owned": [(lo, hi) for lo, hi, _ in arena.owned], "numel": arena.numel,
+                "state": dict(arena.state), "master": arena.master, "remainder": arena.remainder,
+                "stepped": [entry is not None for entry in arena.published],
+            })
+        sharding = self._arenas[0].sharding
+        return {**saved, "fusedaccum_shards": shards, "world": sharding.world, "rank": sharding.rank}
+
+    def load_sharded_state_dict(self, state_dict: dict) -> None:
+        """Loads what sharded_state_dict() saved on this rank into an optimizer sharded the same way
+        (build its GradAccumulator(..., shard_optimizer_state=True) first)."""
+        self._check_current()
+        shards = state_dict.get("fusedaccum_shards")
+        if shards is None:
+            raise ValueError("this is not a sharded_state_dict(): load a whole state_dict with load_state_dict()")
+        if not self._sharded:
+            raise RuntimeError(
+                "load_sharded_state_dict() needs this optimizer sharded like the one that saved it: build "
+                "GradAccumulator(opt, ..., process_group=pg, shard_optimizer_state=True) first, then load"
+            )
+        sharding = self._arenas[0].sharding
+        layout = [([(lo, hi) for lo, hi, _ in a.owned], a.numel) for a in self._arenas]
+        saved_layout = [([tuple(r) for r in s["owned"]], s["numel"]) for s in shards]
+        same = (state_dict["world"], state_dict["rank"], saved_layout) == (sharding.world, sharding.rank, layout)
+        if not same:
+            raise ValueError(
+                f"this sharded state_dict was saved by rank {state_dict['rank']} of {state_dict['world']} with another "
+                f"layout than this optimizer's (rank {sharding.rank} of {sharding.world}; world size, "
+                f"reduce_bucket_numel and the parameters must match). Across layouts, save the whole opt.state_dict() "
+                f"(a collective) and load it with load_state_dict()."
+            )
+        # torch.optim's own load for param_groups, the step counts and any keys a user added.
+        self.load_state_dict({k: v for k, v in state_dict.items() if k not in ("fusedaccum_shards", "world", "rank")})
+        with torch.no_grad():
+            for arena, saved in zip(self._arenas, shards):
+                names = self._state_names_for(self.param_groups[arena.group_index])
+                if set(saved["state"]) != set(names) and any(saved["stepped"]):
+                    raise ValueError(f"the saved state holds {sorted(saved['state'])}; {type(self).__name__} keeps {list(names)}")
+                arena.ensure_state(names)
+                for name in names:
+                    if name in saved["state"]:
+                        arena.state[name].copy_(saved["state"][name])
+                for mine_buf, theirs in ((arena.master, saved["master"]), (arena.remainder, saved["remainder"])):
+                    if (mine_buf is None) != (theirs is None):
+                        raise ValueError("master_weights differ between the saved optimizer and this one: pass the same")
+                    if mine_buf is not None:
+                        mine_buf.copy_(theirs)
+                for i, (p, stepped) in enumerate(zip(arena.params, saved["stepped"])):
+                    arena.versions[i] = p._version  # the masters go with the parameters as they are now
+                    if not stepped:
+                        arena.reset_state(i)
+                        continue
+                    entry = self.state.get(p, {})
+                    if self._publish_step:
+                        arena.steps[i] = float(entry.get("step", 0))
+                    else:
+                        arena.steps[i] = 1.0
+                    self._publish(arena, i, names)
+                arena.renumber_step_classes()
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's load_state_dict (hooks included); the next step adopts the loaded state."""
         self._check_current()

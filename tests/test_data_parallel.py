@@ -493,6 +493,56 @@ def _fa_zero1_checkpoint(rank: int, pg):
     return out
 
 
+def _fa_sharded_checkpoint(rank: int, dtype: str, pg):
+    """ZeRO-1 saved per rank with sharded_state_dict() in the middle of window 1 (with the model and
+    the accumulator), loaded into a new model, optimizer and accumulator: the run ends where never
+    stopping does; what each rank saved is its share of the state; other layouts are refused."""
+
+    def build(reduce_bucket_numel=BUCKETS["reduce_bucket_numel"]):
+        model = _model(rank, torch.bfloat16 if dtype == "bf16" else torch.float32)
+        kw = dict(master_weights="remainder") if dtype == "bf16" else {}
+        acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2, weight_decay=0.1, **kw),
+                                 accumulation_steps=MICRO, max_grad_norm=CLIP, process_group=pg,
+                                 shard_optimizer_state=True, bucket_numel=BUCKETS["bucket_numel"],
+                                 reduce_bucket_numel=reduce_bucket_numel)
+        return model, acc
+
+    out = {}
+    for stop in (False, True):
+        model, acc = build()
+        for w in range(WINDOWS):
+            for m in range(MICRO):
+                if stop and w == 1 and m == 1:
+                    sharded = acc.optimizer.sharded_state_dict()
+                    kept = [t for sh in sharded["fusedaccum_shards"]
+                            for t in (*sh["state"].values(), sh["master"], sh["remainder"]) if t is not None]
+                    out["saved_bytes"] = sum(t.numel() * t.element_size() for t in kept)
+                    out["state_bytes"] = _state_bytes(acc.optimizer)
+                    saved = torch.load(_roundtrip({"model": model.state_dict(), "opt": sharded, "acc": acc.state_dict()}),
+                                       weights_only=False)
+                    model, acc = build()
+                    model.load_state_dict(saved["model"])
+                    acc.optimizer.load_sharded_state_dict(saved["opt"])
+                    acc.load_state_dict(saved["acc"])
+                x, y = _batch(rank, w, m)
+                acc.backward(F.mse_loss(model(x.to(model.fc1.weight.dtype)).float(), y))
+                acc.step()
+        out["stopped" if stop else "straight"] = _snapshot(model)
+    errors = {}
+    for what, fn in (
+        ("other buckets", lambda: build(reduce_bucket_numel=1000)[1].optimizer.load_sharded_state_dict(saved["opt"])),
+        ("whole format", lambda: build()[1].optimizer.load_sharded_state_dict(acc.optimizer.state_dict())),
+        ("unsharded", lambda: fa.AdamW(_model(rank).parameters()).sharded_state_dict()),
+    ):
+        try:
+            fn()
+            errors[what] = None
+        except (ValueError, RuntimeError) as e:
+            errors[what] = str(e)
+    out["errors"] = errors
+    return out
+
+
 def _fa_mismatch(rank: int, pg):
     model = nn.Linear(8, 4 + rank)  # a different shape on every rank
     try:
@@ -559,6 +609,8 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str, backends: lis
         run((b, "resume-mid-bf16wire"), b, functools.partial(_fa_resume, **bf16_wire), rank, False, False)
         run((b, "resume-reduced-bf16wire"), b, functools.partial(_fa_resume, **bf16_wire), rank, True, False)
         run((b, "zero1-checkpoint"), b, _fa_zero1_checkpoint, rank)
+        for dtype in ("fp32", "bf16"):
+            run((b, "zero1-sharded-checkpoint-" + dtype), b, _fa_sharded_checkpoint, rank, dtype)
         for fused in (False, True):
             run((b, "ready" + "-fused" * fused), b, _fa_ready, rank, fused)
         run((b, "mismatch"), b, _fa_mismatch, rank)
@@ -765,6 +817,23 @@ def test_zero1_state_dict_loads_into_torch_optim_and_one_process(device_backend,
         assert sum(s[a] for s in shards) == numel[a], f"arena {a}: the shards do not cover it once"
         # Pieces round up to ALIGN elements per bucket, no more.
         assert max(s[a] for s in shards) <= numel[a] / world + 16 * buckets[a], f"arena {a}: {[s[a] for s in shards]}"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=["fp32", "bf16-remainder"])
+def test_zero1_sharded_checkpoint_per_rank_resumes_exactly(dtype, device_backend, spawned):
+    b = _backend(device_backend)
+    got = _results(spawned, (b, "zero1-sharded-checkpoint-" + dtype))
+    for rank, res in enumerate(got):
+        for name, t in res["straight"].items():
+            assert torch.equal(res["stopped"][name], t), f"rank {rank}: {name} differs after a sharded resume"
+        # What a rank writes is what it keeps: its share of the moments and masters, nothing whole.
+        assert res["saved_bytes"] == res["state_bytes"] > 0, res
+        errors = res["errors"]
+        assert "another layout" in (errors["other buckets"] or ""), errors
+        assert "not a sharded_state_dict" in (errors["whole format"] or ""), errors
+        assert "save opt.state_dict()" in (errors["unsharded"] or ""), errors
+    whole = sum(r["saved_bytes"] for r in got)
+    assert max(r["saved_bytes"] for r in got) < whole * (1 / len(got) + 0.2)
 
 
 def test_ranks_with_different_parameters_are_refused(device_backend, spawned):
