@@ -100,7 +100,8 @@ UNSHARDED = ([Case(o, c) for o in ("AdamW", "Adam", "SGD", "Lion") for c in (Fal
              + [Case("AdamW", True, "bf16"), Case("AdamW", True, "bf16", master="remainder"),
                 Case("AdamW", True, groups=True), Case("AdamW", True, wire="bf16"), Case("AdamW", True, "bf16", wire="bf16")])
 FUSED = [Case("AdamW", True, fused=True), Case("AdamW", True, shard=True, fused=True),
-         Case("AdamW", True, "bf16", fused=True), Case("AdamW", True, groups=True, fused=True)]
+         Case("AdamW", True, "bf16", fused=True), Case("AdamW", True, groups=True, fused=True),
+         Case("AdamW", True, "bf16", fused=True, wire="bf16")]
 CASES = UNSHARDED + [replace(c, shard=True) for c in UNSHARDED] + FUSED
 
 
