@@ -453,11 +453,7 @@ def boundary_job(s: Settings, layout: Layout, dtype_name: str, optimizer: str, a
             assert acc.step()
             assert_same(params, expected, dtype, f"{label} [{b}]", lr=hyper["lr"])
 
-        def step():
-            with backend(b):
-                acc.step()
-
-        return step, lambda: reopen_window(acc)
+        return acc.step, lambda: (fa.set_backend(b), reopen_window(acc))  # the switch untimed, as under() does
 
     variants = torch_variants(optimizer, dev.type, dtype)
     if s.scale == "quick" and optimizer != "AdamW":
@@ -491,11 +487,7 @@ def master_mode_job(s: Settings, layout: Layout) -> list[Row]:
             acc.backward(probe_loss(params, window_grads))
             assert acc.step()
 
-        def step():
-            with backend(b):
-                acc.step()
-
-        return step, params, lambda: reopen_window(acc)
+        return acc.step, params, lambda: (fa.set_backend(b), reopen_window(acc))  # the switch untimed
 
     calls, rows = {}, []
     for b in s.backends:
@@ -562,10 +554,7 @@ def window_job(s: Settings, layout: Layout, dtype_name: str) -> list[Row]:
             window()
             assert_same(params, expected, dtype, f"{label} {mode} [{b}]")
 
-        def timed():
-            with backend(b):
-                window()
-
+        timed = under(b, window)
         timed.keep = acc  # the accumulator lives as long as its window
         return timed
 
