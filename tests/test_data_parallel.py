@@ -24,6 +24,7 @@ group, and leaves its results in files; the tests then compare:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import io
@@ -297,36 +298,51 @@ def _fa_nonfinite(rank: int, shard: bool, pg):
     return out
 
 
-def _fa_count(rank: int, shard: bool, pg):
-    """Counts the collectives fusedaccum issues (by kind), after each micro-batch and at each step."""
+COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
+
+
+@contextlib.contextmanager
+def _collectives_seen():
+    """Records every collective fusedaccum issues, in order, as (kind, the dtype of the whole
+    buffer it reduces or gathers)."""
     from fusedaccum import distributed as fdp
 
-    calls = []
     real = {"all_reduce": dist.all_reduce, "reduce_scatter": fdp._reduce_scatter, "all_gather": fdp._all_gather}
+    seen = []
 
-    def counting(kind):
+    def recorded(kind):
         def call(tensor, *a, **k):
-            calls.append(kind)
+            whole = a[0] if kind == "reduce_scatter" else tensor  # reduce_scatter(this rank's piece, whole)
+            seen.append((kind, str(whole.dtype)))
             return real[kind](tensor, *a, **k)
 
         return call
 
+    dist.all_reduce, fdp._reduce_scatter, fdp._all_gather = (recorded(kind) for kind in COLLECTIVES)
+    try:
+        yield seen
+    finally:
+        dist.all_reduce, fdp._reduce_scatter, fdp._all_gather = real.values()
+
+
+def _fa_count(rank: int, shard: bool, pg):
+    """Counts the collectives fusedaccum issues (by kind), after each micro-batch and at each step."""
     model = _model(rank)
     acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=1.0,
                              process_group=pg, shard_optimizer_state=shard, **BUCKETS)
-    dist.all_reduce = counting("all_reduce")
-    fdp._reduce_scatter, fdp._all_gather = counting("reduce_scatter"), counting("all_gather")
     log = []
-    try:
+    with _collectives_seen() as seen:
+
+        def counts():
+            return {k: sum(kind == k for kind, _ in seen) for k in COLLECTIVES}
+
         for w in range(2):
             for m in range(MICRO):
                 x, y = _batch(rank, w, m)
                 acc.backward(F.mse_loss(model(x), y))
-                log.append(("backward", w, m, {k: calls.count(k) for k in real}))
+                log.append(("backward", w, m, counts()))
                 acc.step()
-                log.append(("step", w, m, {k: calls.count(k) for k in real}))
-    finally:
-        dist.all_reduce, fdp._reduce_scatter, fdp._all_gather = real.values()
+                log.append(("step", w, m, counts()))
     return {"log": log, "buckets": len(acc._dp.buckets)}
 
 
@@ -357,28 +373,17 @@ def _fa_wire(rank: int, shard: bool, pg):
     """reduce_dtype=torch.bfloat16 seen from inside: each bucket's local fp32 window sum as the
     launch finds it, what the reduction leaves in the arena (this rank's pieces when sharded),
     and the dtypes the collectives were handed."""
-    from fusedaccum import distributed as fdp
-
     model = _model(rank)
     acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=CLIP,
                              process_group=pg, shard_optimizer_state=shard, reduce_dtype=torch.bfloat16, **BUCKETS)
-    dp, local, dtypes = acc._dp, {}, []
-    real = {"launch": dp._launch, "all_reduce": dist.all_reduce, "reduce_scatter": fdp._reduce_scatter}
+    dp, local, real_launch = acc._dp, {}, acc._dp._launch
 
     def launch(b):
         local[dp.buckets.index(b)] = dp.windows[b.window_index].arena.grad[b.lo : b.hi].clone()
-        real["launch"](b)
-
-    def seen(kind):
-        def call(tensor, *a, **k):
-            dtypes.append((kind, str((a[0] if kind == "reduce_scatter" else tensor).dtype)))
-            return real[kind](tensor, *a, **k)
-
-        return call
+        real_launch(b)
 
     dp._launch = launch
-    dist.all_reduce, fdp._reduce_scatter = seen("all_reduce"), seen("reduce_scatter")
-    try:
+    with _collectives_seen() as dtypes:
         for m in range(MICRO):
             x, y = _batch(rank, 0, m)
             acc.backward(F.mse_loss(model(x), y))
@@ -389,8 +394,6 @@ def _fa_wire(rank: int, shard: bool, pg):
                     x0, y0 = b.mine(rank) if shard else (b.lo, b.hi)
                     reduced[k] = (x0 - b.lo, dp.windows[b.window_index].arena.grad[x0:y0].clone())
             acc.step()
-    finally:
-        dist.all_reduce, fdp._reduce_scatter = real["all_reduce"], real["reduce_scatter"]
     return {"local": local, "reduced": reduced, "dtypes": dtypes}
 
 
