@@ -407,10 +407,10 @@ class FusedOptimizer:
                     if mine_buf is not None:
                         mine_buf.copy_(theirs)
                 for i, (p, stepped) in enumerate(zip(arena.params, saved["stepped"])):
-                    arena.versions[i] = p._version  # the masters go with the parameters as they are now
                     if not stepped:
-                        arena.reset_state(i)
+                        arena.reset_state(i)  # as torch.optim's load leaves it: no state
                         continue
+                    arena.versions[i] = p._version  # the masters go with the parameters as they are now
                     entry = self.state.get(p, {})
                     if self._publish_step:
                         arena.steps[i] = float(entry.get("step", 0))
