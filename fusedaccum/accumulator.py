@@ -292,6 +292,7 @@ class GradAccumulator:
         if reduce_now:
             self._dp.end_of_backward(self._items)
         self._micro_step += 1
+        self._awaiting_step = True
 
     def step(self) -> bool:
         """Closes the window after its last micro-batch (returns True); otherwise returns False."""
@@ -300,6 +301,7 @@ class GradAccumulator:
             raise RuntimeError("acc.step() is the full path (accumulation_steps=N); in swap-in mode call optimizer.step()")
         if self._micro_step == 0:
             raise RuntimeError("acc.step() with no acc.backward() in this window: call acc.backward(loss) first")
+        self._awaiting_step = False
         if self._micro_step < self.accumulation_steps:
             return False
         # Through optimizer.step(), so that its hooks run and LR schedulers see the step.
@@ -328,10 +330,16 @@ class GradAccumulator:
 
     @property
     def sync_gradients(self) -> bool:
-        """True while the current micro-batch is the last of its window (HF Accelerate's name)."""
+        """True while the current micro-batch is the last of its window (HF Accelerate's name).
+
+        A micro-batch is current from the acc.step() before it up to its own acc.step(): read
+        before its forward it says whether this one closes the window (e.g. to skip DDP's sync),
+        read between acc.backward() and acc.step() it still speaks of the micro-batch just run
+        (Accelerate's `if accelerator.sync_gradients:` after backward)."""
         if not self.full:
             return True
-        return self._micro_step >= self.accumulation_steps - 1
+        current = self._micro_step - 1 if self._awaiting_step else self._micro_step
+        return current >= self.accumulation_steps - 1
 
     @property
     def grad_norm(self) -> torch.Tensor | None:
@@ -353,6 +361,7 @@ class GradAccumulator:
         touched, items = self._dp.finish() if reduced else ([w.touched for w in self._windows], self._items)
         return {
             "micro_step": self._micro_step,
+            "awaiting_step": self._awaiting_step,
             "uses_items": self._uses_items,
             "items": items.clone(),
             "touched": touched,
@@ -374,6 +383,7 @@ class GradAccumulator:
                 "the same settings, or save at another point of the window"
             )
         self._micro_step = state["micro_step"]
+        self._awaiting_step = state.get("awaiting_step", False)  # absent in states saved before it was kept
         self._uses_items = state["uses_items"]
         self._items.copy_(state["items"])
         with torch.no_grad():
@@ -504,6 +514,7 @@ class GradAccumulator:
 
     def _reset_counts(self) -> None:
         self._micro_step = 0
+        self._awaiting_step = False  # an acc.backward() not yet followed by acc.step()
         self._uses_items = None
         self._items.zero_()
 

@@ -354,3 +354,34 @@ def test_full_path_steps_go_through_optimizer_step():
                 sched.step()
     assert len(calls) == 2
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 4)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_sync_gradients_names_the_current_micro_batch(n):
+    """acc.sync_gradients answers for the micro-batch under way: before its forward, and after its
+    acc.backward() until its acc.step() (where Accelerate users read accelerator.sync_gradients);
+    after acc.step() for the next one. Also when acc.step() is called only at the window's end,
+    and after a resume between acc.backward() and acc.step()."""
+    model = seed_model("cpu", small=True)
+    data = seed_data("cpu", 100, steps=2 * n)
+    acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=1e-2), accumulation_steps=n)
+    seen = []
+    for k, (x, y) in enumerate(data):
+        last = k % n == n - 1
+        assert acc.sync_gradients == last, f"before micro-batch {k}"
+        acc.backward(loss_fn(model, x, y, 100))
+        assert acc.sync_gradients == last, f"after the backward of micro-batch {k}"
+        if k == max(n - 2, 0):  # save between a backward and its step, drop the window, resume
+            state = acc.state_dict()
+            acc.zero_grad()
+            acc.load_state_dict(state)
+            assert acc.sync_gradients == last, "after load_state_dict"
+        seen.append(acc.step())
+        assert seen[-1] == last
+    assert acc.sync_gradients == (n == 1)  # the next window's first micro-batch
+
+    acc.zero_grad()
+    for k, (x, y) in enumerate(data[:n]):  # acc.step() only once, at the end
+        acc.backward(loss_fn(model, x, y, 100))
+        assert acc.sync_gradients == (k == n - 1), f"micro-batch {k} without acc.step() in between"
+    assert acc.step()
