@@ -9,6 +9,27 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _version(module) -> tuple[int, int]:
+    return tuple(int(x) for x in module.__version__.split(".")[:2])
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        pass
+    else:
+        # triton < 3.7's interpreter hands a kernel's integer argument to range() as int() of a
+        # 1-element array, which numpy >= 2.3 refuses: every Triton kernel with a loop would fail
+        # with "only 0-dimensional arrays can be converted to Python scalars".
+        if _version(triton) < (3, 7) and _version(numpy) >= (2, 3):
+            raise pytest.UsageError(
+                f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, how the Triton kernels run on "
+                f"CPU) does not work with numpy {numpy.__version__}: install numpy<2.3, or triton>=3.7"
+            )
+
 import fusedaccum as fa  # noqa: E402
 from fusedaccum import dispatch  # noqa: E402
 
