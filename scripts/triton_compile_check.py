@@ -80,6 +80,8 @@ def variants():
                             one() if stats else None, one() if stats else None))
     odd = torch.zeros(n + 1)[1:]  # an arena view at an odd address: the no-vector variant
     yield "accumulate arena at an odd address", acc_k.accumulate, (odd, [torch.ones(n)], [0], 1.0, False, one(), one())
+    # Under CUDA-graph capture the pointer table is written by a kernel that carries its words.
+    yield "pointer table written under capture", acc_k.table_on_device, (list(range(20)), torch.device("cpu"), True)
 
     # Steps: fp32 parameters; fp32 master with a bf16 copy; bf16 parameters with an int16 remainder.
     weights = {"fp32": (f32, None), "master+bf16 copy": (f32, bf16), "bf16+remainder": (bf16, torch.int16)}

@@ -35,7 +35,7 @@ def test_every_triton_kernel_compiles_for_the_gpu(arch, tmp_path):
     assert not errors, errors
     kernels = {r["kernel"] for r in results}
     assert kernels == {"_accumulate_kernel", "_adam_kernel", "_sgd_kernel", "_lion_kernel",
-                       "_linear_weight_grad_kernel", "_embedding_weight_grad_kernel"}, kernels
+                       "_linear_weight_grad_kernel", "_embedding_weight_grad_kernel", "_write_words"}, kernels
     # The fp32 fold reads and writes 16 bytes per access where the blocks are aligned.
     fp32_folds = [r for r in results if r["variant"].startswith("accumulate arena=torch.float32 grad=torch.float32")]
     assert fp32_folds and all(r["vector_16B"] for r in fp32_folds), fp32_folds
