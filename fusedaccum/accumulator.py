@@ -643,13 +643,17 @@ class GradAccumulator:
             if self.max_grad_norm is not None:
                 factor = factor * self._clip_coefficient()
             self._found_inf = found_inf
+            sharded = self._dp is not None and self._dp.shard
             self.optimizer._fused_step(
                 touched,
                 factor={d: factor.to(d) for d in devices},
                 found_inf={d: found_inf.to(d) for d in devices},
+                # ZeRO-1: a bucket's parameters are all-gathered once this rank has stepped its piece
+                # of them, while it steps the next pieces.
+                stepped=self._dp.start_param_gathers() if sharded else None,
             )
-            if self._dp is not None and self._dp.shard:
-                self._dp.all_gather_params()  # each rank stepped its pieces
+            if sharded:
+                self._dp.all_gather_params()  # the buckets not gathered yet; waits for all
             if self._dynamic:
                 torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf, *self._growth)
         for w in self._windows:

@@ -90,6 +90,7 @@ class DataParallel:
         self._broadcast_parameters()
         self._shard_arenas()
         self.works: list = []  # (collective, what to do once it is done or None)
+        self.pending_gathers: list[list[Bucket]] = []  # ZeRO-1, during the step: per arena, buckets not gathered yet
         self.summary: torch.Tensor | None = None
         self.summary_work = None
         self.next_launch = 0
@@ -326,10 +327,36 @@ class DataParallel:
         work = _all_gather(padded, padded[r * s : (r + 1) * s], group=self.group, async_op=True)
         return work, lambda: flat[b.lo : b.hi].copy_(padded[: b.hi - b.lo])
 
+    def start_param_gathers(self):
+        """Before a sharded step: returns the optimizer's `stepped(arena, end)` callback, which starts
+        the all-gather of each bucket's parameters once this rank has stepped its piece of it (its
+        piece lies below `end`), in order of the buckets' place in the arena: the first buckets'
+        gathers run while the rank steps the next pieces. Every rank starts the same gathers in the
+        same order: the step goes through the arenas in the same order on every rank (which
+        parameters step is the same everywhere) and reports the end of each arena it steps, so that
+        an arena's gathers are all started before the next arena's."""
+        self.pending_gathers = [sorted((b for b in self.buckets if b.window_index == wi), key=lambda b: b.lo)
+                                for wi in range(len(self.windows))]
+        index = {id(w.arena): wi for wi, w in enumerate(self.windows)}
+
+        def stepped(arena, end: int) -> None:
+            wi = index.get(id(arena))
+            if wi is None:  # not an arena this data-parallel setup reduces
+                return
+            queue = self.pending_gathers[wi]
+            while queue and queue[0].mine(self.rank)[1] <= end:
+                self.works.append(self._all_gather(arena.param, queue.pop(0)))
+
+        return stepped
+
     def all_gather_params(self) -> None:
-        """After a sharded step: every rank's updated pieces of the parameters, everywhere."""
+        """After a sharded step: starts the gathers the step did not (those of arenas in which no
+        parameter had a gradient on any rank), arena by arena, and waits until every rank's updated
+        pieces of the parameters are everywhere."""
         with torch.no_grad():
-            self.works = [self._all_gather(self.windows[b.window_index].arena.param, b) for b in self.buckets]
+            for w, queue in zip(self.windows, self.pending_gathers):
+                self.works += [self._all_gather(w.arena.param, b) for b in queue]
+            self.pending_gathers = []
             self.wait()
 
     def gather(self, arena, buf: torch.Tensor) -> torch.Tensor:

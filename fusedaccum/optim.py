@@ -258,10 +258,13 @@ class FusedOptimizer:
                                                 1.0, True, None, None)
         return touched
 
-    def _fused_step(self, touched: list[list[bool]], factor: dict, found_inf: dict) -> None:
+    def _fused_step(self, touched: list[list[bool]], factor: dict, found_inf: dict, stepped=None) -> None:
         """One launch per run of parameters that have a gradient and share a step count.
 
         factor / found_inf map a device to its one-element device tensor (absent: 1 / none).
+        stepped(arena, end), when given, is told after each launch that this process has stepped
+        what it steps of `arena` below offset `end`, and once more with arena.numel when it is done
+        with an arena that had a gradient (ZeRO-1 starts the parameters' all-gathers).
         """
         for arena, t in zip(self._arenas, touched):
             if not any(t):
@@ -288,8 +291,12 @@ class FusedOptimizer:
                         param, copy, grad, state = arena.step_slices(*piece)
                         grad = grad if direct is None else direct
                         self._step_range(group, param, copy, grad, state, arena.steps[a], f, inf)
+                        if stepped is not None:
+                            stepped(arena, piece[1])
             arena.direct = {}  # p.grad belongs to torch again
             arena.advance_step_classes(t)
+            if stepped is not None:
+                stepped(arena, arena.numel)  # done with this arena, on every rank whatever pieces it keeps
 
     def _state_names_for(self, group: dict) -> tuple[str, ...]:
         return self._state_names

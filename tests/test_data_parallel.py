@@ -328,10 +328,18 @@ def _collectives_seen():
 def _fa_count(rank: int, shard: bool, pg):
     """Counts the collectives fusedaccum issues (by kind), after each micro-batch and at each step."""
     model = _model(rank)
-    acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=1.0,
+    opt = fa.AdamW(model.parameters(), lr=2e-2)
+    acc = fa.GradAccumulator(opt, accumulation_steps=MICRO, max_grad_norm=1.0,
                              process_group=pg, shard_optimizer_state=shard, **BUCKETS)
     log = []
     with _collectives_seen() as seen:
+        step_range = opt._step_range
+
+        def logged_step_range(*a, **k):  # the step launches, in order with the collectives
+            seen.append(("step", None))
+            return step_range(*a, **k)
+
+        opt._step_range = logged_step_range
 
         def counts():
             return {k: sum(kind == k for kind, _ in seen) for k in COLLECTIVES}
@@ -343,7 +351,7 @@ def _fa_count(rank: int, shard: bool, pg):
                 log.append(("backward", w, m, counts()))
                 acc.step()
                 log.append(("step", w, m, counts()))
-    return {"log": log, "buckets": len(acc._dp.buckets)}
+    return {"log": log, "buckets": len(acc._dp.buckets), "order": [kind for kind, _ in seen]}
 
 
 def _fa_ready(rank: int, fused: bool, pg):
@@ -731,6 +739,13 @@ def test_one_reduction_per_bucket_and_none_before_the_last_micro_batch(shard, de
             want = {k: w * (last_backward[k] + at_step[k]) + last * (last_backward[k] + (kind == "step") * at_step[k])
                     for k in counts}
             assert counts == want, f"rank {rank}: after {kind} of window {w} micro-batch {m}: {counts}; want {want}"
+        if shard:
+            # The parameters' all-gathers start while the rank still steps its later pieces.
+            order = res["order"]
+            tail = order[max(i for i, kind in enumerate(order) if kind == "reduce_scatter") + 1 :]
+            steps = [i for i, kind in enumerate(tail) if kind == "step"]
+            assert tail.count("all_gather") == n and len(steps) >= 2, f"rank {rank}: {tail}"
+            assert tail.index("all_gather") < steps[-1], f"rank {rank}: no gather before the last step launch: {tail}"
 
 
 @pytest.mark.parametrize("z", ["", "-zero1"], ids=["whole", "zero1"])
