@@ -131,7 +131,7 @@ def main() -> int:
         return kernel
 
     JITFunction.run = compile_only
-    results, failed = [], 0
+    results, errors, spilled = [], 0, 0
     for name, launcher, args in variants():
         compiled.clear()
         try:
@@ -139,12 +139,12 @@ def main() -> int:
         except Exception as e:  # a kernel that does not compile for the target
             results.append({"variant": name, "error": f"{type(e).__name__}: {e}"})
             print(f"FAIL  {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            failed += 1
+            errors += 1
             continue
         if not compiled:
             results.append({"variant": name, "error": "no kernel was launched"})
             print(f"FAIL  {name}: no kernel was launched")
-            failed += 1
+            errors += 1
             continue
         for k in compiled:
             ptx = k.asm["ptx"]
@@ -153,14 +153,15 @@ def main() -> int:
                  "vector_16B": any(op in ptx for op in ("ld.global.v4", "st.global.v4", "ld.global.nc.v4"))}
             results.append(r)
             bad = use["local_bytes"] > 0  # spilled registers (or a stack frame) live in local memory
-            failed += bad
+            spilled += bad
             print(f"{'FAIL' if bad else 'ok  '}  {name}: {k.name} {use['registers']} registers, "
                   f"{use['local_bytes']} bytes of local memory{', 16-byte vectors' if r['vector_16B'] else ''}")
-    print(f"triton {triton.__version__}, sm_{a.arch}: {len(results) - failed} compiled, {failed} failed")
+    print(f"triton {triton.__version__}, sm_{a.arch}: {len(results) - errors} kernels compiled ({spilled} of them "
+          f"with local memory), {errors} variants failed")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"triton": triton.__version__, "arch": a.arch, "results": results}, f, indent=1)
-    return 1 if failed else 0
+    return 1 if errors or spilled else 0
 
 
 if __name__ == "__main__":
