@@ -12,8 +12,7 @@ fi
 # numpy < 2.3: triton 3.6's interpreter (how the Triton kernels run on CPU) needs it (tests/conftest.py).
 # setuptools < 82: torch 2.11's requirement; >= 77 for pyproject's SPDX license.
 .venv-min/bin/python -m pip install -q "torch==2.11.0" "triton==3.6.0" "numpy<2.3" "setuptools>=77,<82" \
-  ninja wheel pytest expecttest matplotlib rich \
-  "transformers==5.24.0" "accelerate==1.15.0" "lightning==2.6.6" "pytorch-lightning==2.6.6" "safetensors==0.8.0"
+  -r scripts/requirements-test.txt
 src=$(mktemp -d)
 trap 'rm -rf "$src"' EXIT
 git ls-files -z | xargs -0 cp --parents -t "$src"
