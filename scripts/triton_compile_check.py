@@ -6,7 +6,7 @@ The launchers in fusedaccum.triton_kernels are called with CPU tensors of every 
 combination the ops use; Triton's own JIT specializes each launch (argument types, 16-byte
 alignment) as it would on the GPU, and compiles it for sm_<arch> down to a cubin with the ptxas
 that triton ships, without launching: a stand-in driver answers the three questions the JIT
-asks (device, stream, target). Prints one line per variant (registers, spills, whether the PTX
+asks (device, stream, target). (tests/test_build.py uses kernel_resources() too.) Prints one line per variant (registers, spills, whether the PTX
 has 16-byte vector accesses) and exits non-zero when a variant does not compile or spills.
 Run without TRITON_INTERPRET (tests/test_triton_compile.py runs it in a subprocess), so that
 the kernels take their GPU branches (block sizes, bf16 on the tensor cores).
@@ -21,13 +21,13 @@ import subprocess
 import sys
 import tempfile
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    sys.exit("run without TRITON_INTERPRET=1: the interpreter compiles nothing")
+import shutil
+from pathlib import Path
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
 
 
 class TargetOnlyDriver:
@@ -46,15 +46,21 @@ class TargetOnlyDriver:
         return self.target
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """Registers and local memory (spills, stack) of a cubin, as cuobjdump (shipped with triton) reads them."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-    field = lambda name: max((int(v) for v in re.findall(rf"\b{name}:(\d+)", out)), default=0)  # noqa: E731
-    return {"registers": field("REG"), "local_bytes": field("STACK") + field("LOCAL")}
+def cuobjdump() -> str | None:
+    """cuobjdump from the CUDA toolkit, or the one triton ships; None when neither is here."""
+    for found in (shutil.which("cuobjdump"), Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump",
+                  Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"):
+        if found and Path(found).exists():
+            return str(found)
+    return None
+
+
+def kernel_resources(path: str) -> list[dict]:
+    """Each kernel of a cubin, or of a library with CUDA code in it: its name, registers and
+    local memory (spilled registers and stack frames), as `cuobjdump --dump-resource-usage` reads them."""
+    out = subprocess.run([cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+    return [{"name": name, "registers": int(reg), "local_bytes": int(stack) + int(local)}
+            for name, reg, stack, local in re.findall(r"Function (\S+):\n\s+REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)]
 
 
 def variants():
@@ -120,6 +126,8 @@ def main() -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90 (default 90)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("run without TRITON_INTERPRET=1: the interpreter compiles nothing")
 
     triton.runtime.driver.set_active(TargetOnlyDriver(a.arch))
     compiled = []
@@ -148,7 +156,11 @@ def main() -> int:
             continue
         for k in compiled:
             ptx = k.asm["ptx"]
-            use = resource_usage(k.asm["cubin"])
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                (use,) = kernel_resources(f.name)
+                del use["name"]
             r = {"variant": name, "kernel": k.name, **use,
                  "vector_16B": any(op in ptx for op in ("ld.global.v4", "st.global.v4", "ld.global.nc.v4"))}
             results.append(r)

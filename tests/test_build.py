@@ -11,27 +11,11 @@ def test_build_is_complete():
         assert dispatch.extension_has_cuda(), "the CUDA kernels were not compiled into fusedaccum._C"
 
 
-def _cuobjdump():
-    """cuobjdump from the CUDA toolkit, or the one triton ships; None when neither is here."""
-    import shutil
-    from pathlib import Path
-
-    found = shutil.which("cuobjdump") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump")
-    if found and Path(found).exists():
-        return str(found)
-    try:
-        import triton
-    except ImportError:
-        return None
-    shipped = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(shipped) if shipped.exists() else None
-
-
 def test_cuda_kernels_use_no_local_memory():
     """Every CUDA kernel compiled into fusedaccum._C keeps its values in registers: no spills and
     no stack frame (local memory is DRAM traffic the byte floors do not count)."""
-    import re
-    import subprocess
+    import importlib.util
+    from pathlib import Path
 
     import pytest
 
@@ -39,11 +23,14 @@ def test_cuda_kernels_use_no_local_memory():
 
     if not dispatch.extension_has_cuda():
         pytest.skip("fusedaccum._C was built without its CUDA kernels")
-    tool = _cuobjdump()
-    if tool is None:
+    pytest.importorskip("triton")
+    path = Path(__file__).resolve().parent.parent / "scripts" / "triton_compile_check.py"
+    spec = importlib.util.spec_from_file_location("triton_compile_check", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    if check.cuobjdump() is None:
         pytest.skip("no cuobjdump (CUDA toolkit or triton) to read the kernels' resource usage")
-    out = subprocess.run([tool, "--dump-resource-usage", ext.__file__], capture_output=True, text=True, check=True).stdout
-    kernels = re.findall(r"Function (\S+):\n\s+REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
-    assert kernels, out[:2000]
-    using_local = [(name, int(stack), int(local)) for name, _, stack, local in kernels if int(stack) or int(local)]
+    kernels = check.kernel_resources(ext.__file__)
+    assert kernels, "cuobjdump found no kernel in fusedaccum._C"
+    using_local = [k for k in kernels if k["local_bytes"]]
     assert not using_local, using_local
