@@ -340,22 +340,24 @@ class DataParallel:
         index = {id(w.arena): wi for wi, w in enumerate(self.windows)}
 
         def stepped(arena, end: int) -> None:
-            wi = index.get(id(arena))
-            if wi is None:  # not an arena this data-parallel setup reduces
-                return
-            queue = self.pending_gathers[wi]
-            while queue and queue[0].mine(self.rank)[1] <= end:
-                self.works.append(self._all_gather(arena.param, queue.pop(0)))
+            if id(arena) in index:  # else not an arena this data-parallel setup reduces
+                self._start_gathers(index[id(arena)], end)
 
         return stepped
+
+    def _start_gathers(self, wi: int, end: float) -> None:
+        """Starts the pending all-gathers of arena `wi` whose piece on this rank lies below `end`."""
+        queue, param = self.pending_gathers[wi], self.windows[wi].arena.param
+        while queue and queue[0].mine(self.rank)[1] <= end:
+            self.works.append(self._all_gather(param, queue.pop(0)))
 
     def all_gather_params(self) -> None:
         """After a sharded step: starts the gathers the step did not (those of arenas in which no
         parameter had a gradient on any rank), arena by arena, and waits until every rank's updated
         pieces of the parameters are everywhere."""
         with torch.no_grad():
-            for w, queue in zip(self.windows, self.pending_gathers):
-                self.works += [self._all_gather(w.arena.param, b) for b in queue]
+            for wi in range(len(self.pending_gathers)):
+                self._start_gathers(wi, float("inf"))
             self.pending_gathers = []
             self.wait()
 
