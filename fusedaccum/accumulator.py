@@ -607,9 +607,14 @@ class GradAccumulator:
         return (self.max_grad_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
 
     def _close_window(self) -> None:
-        items = self._items
+        items, norms = self._items, []
         if self._dp is not None:
-            _, items = self._dp.finish()  # waits for the reductions; _reconcile then reads the union of touched
+            # Waits for the reductions, measuring each bucket's norm as soon as it is reduced (the
+            # reduced gradient's norm and inf flag, identical on every rank, so all clip and skip
+            # alike; with ZeRO-1 this rank's pieces, summed across ranks below). _reconcile then
+            # reads the union of touched.
+            with torch.no_grad():
+                _, items = self._dp.finish(norms)
         touched = self.optimizer._reconcile()
         with torch.no_grad():
             if self._dp is None:
@@ -618,13 +623,10 @@ class GradAccumulator:
                     views = [w.grad_views[i] for i, (t, t_last) in enumerate(zip(w.touched, w.touched_last)) if t and not t_last]
                     _add_squares(views, *self._stats[w.arena.device])
             else:
-                # The reduced gradient's (identical on every rank, so all clip and skip alike; with
-                # ZeRO-1 this rank's pieces, summed across ranks below): one read pass.
-                for sumsq, found_inf in self._stats.values():
+                for device, (sumsq, found_inf) in self._stats.items():
                     sumsq.zero_()
                     found_inf.zero_()
-                for w, t in zip(self._windows, touched):
-                    _add_squares(w.arena.run_views(w.arena.grad, t), *self._stats[w.arena.device])
+                    _add_norms([n for n in norms if n.device == device], sumsq, found_inf)
             devices = list(self._stats)
             sumsq = sum(self._stats[d][0].to(self.device) for d in devices)
             found_inf = torch.stack([self._stats[d][1].to(self.device) for d in devices]).amax()
@@ -666,14 +668,20 @@ class GradAccumulator:
 def _add_squares(tensors: list[torch.Tensor], sumsq: torch.Tensor, found_inf: torch.Tensor | None) -> None:
     """sumsq += the sum of every element squared; found_inf = 1 where one is not finite.
 
-    For the ranges no fold measured (swap-in clipping, the reduced gradient of data parallel,
-    parameters last folded before the last micro-batch): one read pass through torch's fp32
-    norm (cascade summation, every thread; 20x faster on a CPU than a float64 sum). A norm past
-    1.8e19, whose fp32 square overflows, reads as non-finite: the window is skipped as for an inf.
+    For the ranges no fold measured (swap-in clipping, parameters last folded before the last
+    micro-batch; data parallel measures its reduced buckets the same way, in
+    DataParallel.reduced_norms): one read pass through torch's fp32 norm (cascade summation,
+    every thread; 20x faster on a CPU than a float64 sum). A norm past 1.8e19, whose fp32 square
+    overflows, reads as non-finite: the window is skipped as for an inf.
     """
-    if not tensors:
+    _add_norms([torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors], sumsq, found_inf)
+
+
+def _add_norms(norms: list[torch.Tensor], sumsq: torch.Tensor, found_inf: torch.Tensor | None) -> None:
+    """sumsq += the sum of the squared norms; found_inf = 1 where that is not finite."""
+    if not norms:
         return
-    total = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]).square().sum()
+    total = torch.stack(norms).square().sum()
     sumsq += total
     if found_inf is not None:
         found_inf.copy_(torch.where(total.isfinite(), found_inf, torch.ones_like(found_inf)))

@@ -313,11 +313,6 @@ class Arena:
                     out += [self.grad[u:v] for u, v, _ in self.pieces(*self.range_of(x, y))]
         return out
 
-    def run_views(self, flat: torch.Tensor, touched: list[bool]) -> list[torch.Tensor]:
-        """The slices of `flat` that the runs of touched parameters cover, where this process
-        keeps their state (all of them, unless ZeRO-1 sharded the arena)."""
-        return [flat[x:y] for a, b in self.runs(touched) for x, y, _ in self.pieces(*self.range_of(a, b))]
-
 
 def build_arenas(param_groups: list[dict], master_weights: bool | str, start: int = 0) -> list[Arena]:
     """Checks every parameter first, then moves them into arenas (a refused group changes nothing)."""

@@ -89,7 +89,9 @@ class DataParallel:
             self._cut(wi, reduce_bucket_numel)
         self._broadcast_parameters()
         self._shard_arenas()
-        self.works: list = []  # (collective, what to do once it is done or None)
+        self.reductions: list = []  # the window's bucket reductions: (collective, what to do once done or None, bucket)
+        self.reduced: list[Bucket] = []  # buckets whose reduction is done and whose norm is not measured yet
+        self.works: list = []  # other collectives (ZeRO-1's gathers): (collective, what to do once done or None)
         self.pending_gathers: list[list[Bucket]] = []  # ZeRO-1, during the step: per arena, buckets not gathered yet
         self.summary: torch.Tensor | None = None
         self.summary_work = None
@@ -215,7 +217,7 @@ class DataParallel:
         self.wait()  # a window discarded or restarted leaves nothing in flight
         self.global_touched = None
         self.next_launch = 0
-        self.works = []
+        self.reduced = []
         self.counted = {wi: bytearray(len(w.arena.params)) for wi, w in enumerate(self.windows)}
         for b in self.buckets:
             hooked = self.windows[b.window_index].hooked
@@ -261,15 +263,15 @@ class DataParallel:
         b.launched = True
         self.next_launch += 1
         if self.shard:
-            self.works.append(self._reduce_scatter(arena.grad, b))
+            self.reductions.append((*self._reduce_scatter(arena.grad, b), b))
             return
         flat = arena.grad[b.lo : b.hi]
         wire = self._wire(b)
         if wire is None:
-            self.works.append((dist.all_reduce(flat, group=self.group, async_op=True), None))
+            self.reductions.append((dist.all_reduce(flat, group=self.group, async_op=True), None, b))
             return
         wire.copy_(flat)  # the rank's fp32 window sum, rounded once
-        self.works.append((dist.all_reduce(wire, group=self.group, async_op=True), lambda: flat.copy_(wire)))
+        self.reductions.append((dist.all_reduce(wire, group=self.group, async_op=True), lambda: flat.copy_(wire), b))
 
     def _wire(self, b: Bucket) -> torch.Tensor | None:
         """The bucket's buffer in reduce_dtype (world * piece elements when sharded), or None where
@@ -392,7 +394,17 @@ class DataParallel:
             return None
         return [[(lo, hi) for lo, hi, _ in w.arena.owned] for w in self.windows]
 
-    def wait(self) -> None:
+    def wait(self, norms: list | None = None) -> None:
+        """Waits for every collective in flight. With `norms` (a list), the norm of each bucket's
+        reduced gradient is appended as soon as its reduction is done (see reduced_norms)."""
+        for work, then, b in self.reductions:
+            work.wait()
+            if then is not None:
+                then()
+            self.reduced.append(b)
+            if norms is not None:
+                self.reduced_norms(norms)  # while the later buckets are still on the wire
+        self.reductions = []
         for work, then in self.works:
             work.wait()
             if then is not None:
@@ -402,9 +414,25 @@ class DataParallel:
             self.summary_work.wait()
             self.summary_work = None
 
-    def finish(self) -> tuple[list[list[bool]], torch.Tensor]:
-        """Waits for the window's reductions; returns which parameters step (any rank) and the items of all ranks."""
-        self.wait()
+    def reduced_norms(self, norms: list) -> None:
+        """Appends to `norms` the fp32 norm of each reduced bucket not measured yet: the bucket's
+        whole range, or with ZeRO-1 this rank's piece of it (reduce_stats adds the ranks' pieces).
+        Each bucket is measured whole, in one op: a parameter without a gradient on any rank was
+        zeroed before the reduction (_launch) and the alignment padding is zero, so the range's
+        norm is the norm of the window's gradients in it, the same on every rank."""
+        for b in self.reduced:
+            lo, hi = b.mine(self.rank) if self.shard else (b.lo, b.hi)
+            if hi > lo:
+                norms.append(torch.linalg.vector_norm(self.windows[b.window_index].arena.grad[lo:hi], dtype=torch.float32))
+        self.reduced = []
+
+    def finish(self, norms: list | None = None) -> tuple[list[list[bool]], torch.Tensor]:
+        """Waits for the window's reductions; returns which parameters step (any rank) and the items
+        of all ranks. With `norms`, also every reduced bucket's norm (reduced_norms), each measured
+        as soon as its reduction is done, so that measuring overlaps the reductions still in flight."""
+        self.wait(norms)
+        if norms is not None:
+            self.reduced_norms(norms)  # buckets reduced before this call (a checkpoint waited, or restored them)
         if self.global_touched is None:
             self.items = self.summary[0]
             local = [w.touched for w in self.windows]
@@ -422,9 +450,11 @@ class DataParallel:
         """A checkpoint taken after the window's reductions: they are not run again."""
         self.wait()
         self.global_touched, self.items = [list(t) for t in touched], items
+        self.reduced = list(self.buckets)  # the loaded gradients are reduced: measured at the step
 
     def discard(self) -> None:
         """The window is dropped (acc.zero_grad(), or the step consumed it)."""
         self.stop_listening()
         self.wait()
         self.global_touched = None
+        self.reduced = []
