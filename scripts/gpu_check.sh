@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine that already has torch (maybe triton, nvcc, pytest) and maybe
 # no package index:
-#   bash scripts/gpu_check.sh OUT_DIR                 # build, tests, bench
-#   bash scripts/gpu_check.sh OUT_DIR build|tests|bench ...   # some steps (one command each on a
+#   bash scripts/gpu_check.sh OUT_DIR                 # build, tests, bench, profile
+#   bash scripts/gpu_check.sh OUT_DIR build|tests|bench|profile ...   # some steps (one command each on a
 #                                                     # machine that ends commands at 10 minutes)
 # build  the extension against this torch (pip --no-build-isolation, no index). Without a usable
 #        nvcc (none, or a CUDA major version other than torch's), or when the CUDA build fails, it
@@ -13,6 +13,8 @@
 # bench  fusedaccum-bench --quick --backend all (every case and backend; on CUDA --quick keeps the
 #        full sizes and shortens the timings), one run per case section: OUT_DIR/bench/<section>.jsonl
 #        (a line per finished job), <section>.txt (the tables), and the run's JSON and CSV.
+# profile scripts/gpu_profile.py: a boundary's and an accumulate's time kernel by kernel, against
+#        the event and host times: OUT_DIR/profile/profile.txt and profile.json.
 # tests and bench build first when this tree is not the one installed (a fresh machine).
 # Each step keeps within GPU_CHECK_BUDGET seconds (default 540) and appends a line per finished
 # unit (build, test file, bench section) to OUT_DIR/summary.txt, so that a kill loses nothing
@@ -30,14 +32,14 @@
 # for tools that bring back only a few files: GPU_CHECK_TAR=$OUT/tests.tgz bash scripts/gpu_check.sh /tmp/gc tests
 # scripts/gpu_check_sim.sh runs this here as a bare GPU image would meet it (no nvcc, pytest, index).
 set -uo pipefail
-usage="usage: bash scripts/gpu_check.sh OUT_DIR [build|tests|bench|all ...]"
+usage="usage: bash scripts/gpu_check.sh OUT_DIR [build|tests|bench|profile|all ...]"
 OUT=${1:?$usage}
 shift
 steps=()
 for s in "${@:-all}"; do
   case $s in
-    all) steps+=(build tests bench) ;;
-    build|tests|bench) steps+=("$s") ;;
+    all) steps+=(build tests bench profile) ;;
+    build|tests|bench|profile) steps+=("$s") ;;
     *) echo "$usage" >&2; exit 2 ;;
   esac
 done
@@ -299,6 +301,20 @@ bench_step() {
   done
 }
 
+profile_step() {
+  ensure_built || { record profile all "not-run" 0 "no usable build"; return 1; }
+  local T=$(( $(left) - 20 )) t0=$SECONDS rc status scale=full
+  [ "$T" -lt 30 ] && { record profile all "not-run" 0 "the step's ${BUDGET}s are spent"; return 1; }
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || scale=tiny  # CPU: only that it runs
+  mkdir -p "$OUT/profile"
+  say "profile (limit ${T}s, $scale)"
+  (cd tests && timeout -k 10 "$T" "$PY" "$ROOT/scripts/gpu_profile.py" --scale $scale --out "$OUT/profile") \
+    > "$OUT/profile/profile.txt" 2>&1
+  rc=$?
+  case $rc in 0) status=ok ;; 124|137) status=TIMEOUT ;; *) status=FAILED ;; esac
+  record profile all "$status" $((SECONDS - t0)) "rc $rc, limit ${T}s: $OUT/profile/profile.txt"
+}
+
 say "steps: ${steps[*]}; results in $OUT"
 versions
 for s in "${steps[@]}"; do
@@ -307,6 +323,7 @@ for s in "${steps[@]}"; do
     build) build_step || break ;;  # nothing to test without a build
     tests) tests_step ;;
     bench) bench_step ;;
+    profile) profile_step ;;
   esac
 done
 pack

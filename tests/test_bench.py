@@ -170,3 +170,22 @@ def test_clock_counts_the_page_faults_of_each_side():
     clock.measure_interleaved({"fresh 64 MB": lambda: torch.frombuffer(mmap.mmap(-1, 64 << 20), dtype=torch.uint8).fill_(1),
                                "in place": lambda: kept.add_(1.0)}, faults)
     assert faults["fresh 64 MB"] > 10000 and faults["in place"] < 100, faults
+
+
+def test_gpu_profile_script_splits_each_call_into_event_host_and_kernels(tmp_path):
+    """scripts/gpu_profile.py, which gpu_check runs on the GPU, runs here on toy sizes: every
+    call has its three times, and the profiler sees the fused kernels where they run."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_profile.py"
+    subprocess.run([sys.executable, str(script), "--device", "cpu", "--scale", "tiny", "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    results = json.loads((tmp_path / "profile.json").read_text())["results"]
+    fused_step = [k for k in results if k.startswith("boundary: acc.step()")]
+    fused_acc = [k for k in results if "fusedaccum op" in k]
+    assert "boundary: clip + torch fused AdamW + zero_grad" in results and fused_step and fused_acc
+    for label, r in results.items():
+        assert r["event_us"] > 0 and r["host_us"] > 0 and r["kernels_us"] > 0, label
+    assert all(any("adam_step" in k["name"] for k in results[c]["kernels"]) for c in fused_step)
+    assert all(any("accumulate" in k["name"] for k in results[c]["kernels"]) for c in fused_acc)
