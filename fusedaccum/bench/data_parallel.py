@@ -1,6 +1,6 @@
 """Bench section "data-parallel": 2 processes on gloo (CPU), a GPT-like layout, N micro-batches.
 
-Four ways to run the same window (N micro-batches of the probe model + clip + AdamW), timed in
+Five ways to run the same window (N micro-batches of the probe model + clip + AdamW), timed in
 alternation inside the same two processes:
 
   DDP, every micro-batch   DistributedDataParallel reduces after every backward (no no_sync)
