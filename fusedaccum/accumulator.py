@@ -365,7 +365,8 @@ class GradAccumulator:
             "uses_items": self._uses_items,
             "items": items.clone(),
             "touched": touched,
-            "grads": [w.arena.grad for w in self._windows],
+            # reduced: where the reduction left them (a bf16 reduction's buffer, or the arena)
+            "grads": [self._dp.reduced_grad(i) if reduced else w.arena.grad for i, w in enumerate(self._windows)],
             "loss_scale": None if self._scale is None else (self._scale, self._growth_tracker),
             "reduced": reduced,
             "shards": self._dp.ranges() if reduced else None,  # ZeRO-1: only these ranges of the grads are reduced
@@ -653,6 +654,8 @@ class GradAccumulator:
                 # ZeRO-1: a bucket's parameters are all-gathered once this rank has stepped its piece
                 # of them, while it steps the next pieces.
                 stepped=self._dp.start_param_gathers() if sharded else None,
+                # a bf16 reduction's result is read where it is, in bf16
+                grads=None if self._dp is None else {id(w.arena): self._dp.reduced_grad(i) for i, w in enumerate(self._windows)},
             )
             if sharded:
                 self._dp.all_gather_params()  # the buckets not gathered yet; waits for all

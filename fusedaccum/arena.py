@@ -156,18 +156,20 @@ class Arena:
             else:
                 dst.copy_(flat[part])
 
-    def step_slices(self, x: int, y: int, c: int):
+    def step_slices(self, x: int, y: int, c: int, grad: torch.Tensor | None = None):
         """The step ops' tensors for arena range [x, y) (kept from c in the shard buffers):
         (param, param_copy, grad, {state name: slice}). param/param_copy are the fp32 master and
         the parameter it is copied to, the bf16 parameter and its int16 remainder, or the
-        parameter alone."""
+        parameter alone. `grad`: where the gradient is read instead of the arena's `grad` (a flat
+        tensor laid out as the arena, e.g. a bf16 reduction's buffer)."""
         s = slice(c, c + y - x)
+        g = (self.grad if grad is None else grad)[x:y]
         state = {name: buf[s] for name, buf in self.state.items()}
         if self.master is not None:
-            return self.master[s], self.param[x:y], self.grad[x:y], state
+            return self.master[s], self.param[x:y], g, state
         if self.remainder is not None:
-            return self.param[x:y], self.remainder[s], self.grad[x:y], state
-        return self.param[x:y], None, self.grad[x:y], state
+            return self.param[x:y], self.remainder[s], g, state
+        return self.param[x:y], None, g, state
 
     @property
     def has_master(self) -> bool:

@@ -15,10 +15,11 @@ count per bucket, buckets reduced in a fixed order):
   used on one rank steps on all (DDP's find_unused_parameters semantics: the others add zero).
 * The reduction is a sum; the mean's 1/world joins the step's device-side factor.
 * reduce_dtype=torch.bfloat16 sends each bucket as bf16 (half the bytes): each rank's window is
-  still summed in the fp32 arena, its sum is rounded to bf16 once, the ranks' sums are added in
-  bf16 by the collective, and the result is widened back into the arena before the step. The
-  bf16 buffer of each bucket is kept for the bucket's life (2 B per parameter, as DDP keeps its
-  buckets).
+  still summed in the fp32 arena, its sum is rounded to bf16 once into a bf16 buffer the size of
+  the arena (kept for the accumulator's life: 2 B per parameter, as DDP keeps its buckets), the
+  ranks' sums are added in bf16 by the collective in that buffer, and the reduced gradient stays
+  there: the norm and the optimizer step read it in bf16 (no pass widens it back into the arena,
+  which keeps the rank's own fp32 sum).
 
 With shard_optimizer_state=True (ZeRO-1) each bucket is cut into `world` equal pieces and
 rank r keeps the optimizer state (and fp32 master or remainder) of its piece only: the bucket
@@ -55,7 +56,6 @@ class Bucket:
         self.expected = 0  # parameters to fold in this micro-batch before the bucket is complete
         self.folded = 0
         self.launched = False
-        self.wire: torch.Tensor | None = None  # with reduce_dtype: what goes over the wire (kept)
 
     def mine(self, rank: int) -> tuple[int, int]:
         """The range of the arena this rank keeps state for (sharded); may be empty at the end."""
@@ -93,6 +93,7 @@ class DataParallel:
         self.reduced: list[Bucket] = []  # buckets whose reduction is done and whose norm is not measured yet
         self.works: list = []  # other collectives (ZeRO-1's gathers): (collective, what to do once done or None)
         self.pending_gathers: list[list[Bucket]] = []  # ZeRO-1, during the step: per arena, buckets not gathered yet
+        self.wires: dict[int, torch.Tensor] = {}  # with reduce_dtype: per arena, what goes over the wire (kept)
         self.summary: torch.Tensor | None = None
         self.summary_work = None
         self.next_launch = 0
@@ -262,27 +263,30 @@ class DataParallel:
                     arena.grad[max(o, b.lo) : min(o + arena.numels[i], b.hi)].zero_()
         b.launched = True
         self.next_launch += 1
+        flat = arena.grad
+        wire = self._wire(b.window_index)
+        if wire is not None:
+            wire[b.lo : b.hi].copy_(flat[b.lo : b.hi])  # the rank's fp32 window sum, rounded once
+            flat = wire  # the reduction happens there, and its result stays there
         if self.shard:
-            self.reductions.append((*self._reduce_scatter(arena.grad, b), b))
+            self.reductions.append((*self._reduce_scatter(flat, b), b))
             return
-        flat = arena.grad[b.lo : b.hi]
-        wire = self._wire(b)
-        if wire is None:
-            self.reductions.append((dist.all_reduce(flat, group=self.group, async_op=True), None, b))
-            return
-        wire.copy_(flat)  # the rank's fp32 window sum, rounded once
-        self.reductions.append((dist.all_reduce(wire, group=self.group, async_op=True), lambda: flat.copy_(wire), b))
+        self.reductions.append((dist.all_reduce(flat[b.lo : b.hi], group=self.group, async_op=True), None, b))
 
-    def _wire(self, b: Bucket) -> torch.Tensor | None:
-        """The bucket's buffer in reduce_dtype (world * piece elements when sharded), or None where
-        the arena's gradient is already in that dtype."""
-        grad = self.windows[b.window_index].arena.grad
+    def _wire(self, wi: int) -> torch.Tensor | None:
+        """Arena `wi`'s buffer in reduce_dtype, or None where its gradient is already in that dtype."""
+        grad = self.windows[wi].arena.grad
         if self.reduce_dtype is None or self.reduce_dtype == grad.dtype:
             return None
-        if b.wire is None:
-            n = self.world * b.piece if self.shard else b.hi - b.lo
-            b.wire = grad.new_zeros(n, dtype=self.reduce_dtype)  # zeros: a sharded bucket's padding stays zero
-        return b.wire
+        if wi not in self.wires:
+            self.wires[wi] = grad.new_zeros(grad.numel(), dtype=self.reduce_dtype)
+        return self.wires[wi]
+
+    def reduced_grad(self, wi: int) -> torch.Tensor:
+        """Where arena `wi`'s reduced gradient is once the window's reductions are done (this rank's
+        pieces of it when sharded): its reduce_dtype buffer, or the arena's gradient itself."""
+        wire = self._wire(wi)
+        return self.windows[wi].arena.grad if wire is None else wire
 
     def end_of_backward(self, items: torch.Tensor) -> None:
         """After the last backward (every fold done, listening stopped): launch what is left, then the
@@ -302,15 +306,13 @@ class DataParallel:
     # -- the sharded collectives (in place, as NCCL and gloo allow) ----------------------
 
     def _reduce_scatter(self, flat: torch.Tensor, b: Bucket):
-        """Starts summing flat[b.lo:b.hi] over the ranks into this rank's piece of it (through the
-        bucket's reduce_dtype buffer, or a padded copy where the bucket is not world equal pieces)."""
+        """Starts summing flat[b.lo:b.hi] over the ranks into this rank's piece of it (through a
+        padded copy where the bucket is not world equal pieces)."""
         r, s = self.rank, b.piece
-        padded = self._wire(b)
-        if padded is None and not b.staged:
+        if not b.staged:
             piece = flat[b.lo + r * s : b.lo + (r + 1) * s]
             return _reduce_scatter(piece, flat[b.lo : b.hi], group=self.group, async_op=True), None
-        if padded is None:
-            padded = flat.new_zeros(self.world * s)
+        padded = flat.new_zeros(self.world * s)
         padded[: b.hi - b.lo].copy_(flat[b.lo : b.hi])
         work = _reduce_scatter(padded[r * s : (r + 1) * s], padded, group=self.group, async_op=True)
         x, y = b.mine(r)
@@ -423,7 +425,7 @@ class DataParallel:
         for b in self.reduced:
             lo, hi = b.mine(self.rank) if self.shard else (b.lo, b.hi)
             if hi > lo:
-                norms.append(torch.linalg.vector_norm(self.windows[b.window_index].arena.grad[lo:hi], dtype=torch.float32))
+                norms.append(torch.linalg.vector_norm(self.reduced_grad(b.window_index)[lo:hi], dtype=torch.float32))
         self.reduced = []
 
     def finish(self, norms: list | None = None) -> tuple[list[list[bool]], torch.Tensor]:
@@ -451,6 +453,10 @@ class DataParallel:
         self.wait()
         self.global_touched, self.items = [list(t) for t in touched], items
         self.reduced = list(self.buckets)  # the loaded gradients are reduced: measured at the step
+        for wi in range(len(self.windows)):
+            wire = self._wire(wi)
+            if wire is not None:  # the step reads the reduced gradient there (exact: it is in reduce_dtype)
+                wire.copy_(self.windows[wi].arena.grad)
 
     def discard(self) -> None:
         """The window is dropped (acc.zero_grad(), or the step consumed it)."""

@@ -258,10 +258,13 @@ class FusedOptimizer:
                                                 1.0, True, None, None)
         return touched
 
-    def _fused_step(self, touched: list[list[bool]], factor: dict, found_inf: dict, stepped=None) -> None:
+    def _fused_step(self, touched: list[list[bool]], factor: dict, found_inf: dict, stepped=None,
+                    grads: dict | None = None) -> None:
         """One launch per run of parameters that have a gradient and share a step count.
 
         factor / found_inf map a device to its one-element device tensor (absent: 1 / none).
+        grads maps id(arena) to a flat tensor laid out as that arena from which its gradient is
+        read instead of arena.grad (data parallel's bf16 reduction buffer).
         stepped(arena, end), when given, is told after each launch that this process has stepped
         what it steps of `arena` below offset `end`, and once more with arena.numel when it is done
         with an arena that had a gradient (ZeRO-1 starts the parameters' all-gathers).
@@ -288,7 +291,7 @@ class FusedOptimizer:
                     steps.add_(increment)
                 for x, y, direct in arena.split_direct(a, b):
                     for piece in arena.pieces(*arena.range_of(x, y)):  # the whole range, or this rank's shard of it
-                        param, copy, grad, state = arena.step_slices(*piece)
+                        param, copy, grad, state = arena.step_slices(*piece, grad=(grads or {}).get(id(arena)))
                         grad = grad if direct is None else direct
                         self._step_range(group, param, copy, grad, state, arena.steps[a], f, inf)
                         if stepped is not None:

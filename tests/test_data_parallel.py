@@ -379,8 +379,8 @@ def _fa_ready(rank: int, fused: bool, pg):
 
 def _fa_wire(rank: int, shard: bool, pg):
     """reduce_dtype=torch.bfloat16 seen from inside: each bucket's local fp32 window sum as the
-    launch finds it, what the reduction leaves in the arena (this rank's pieces when sharded),
-    and the dtypes the collectives were handed."""
+    launch finds it, what the reduction leaves where the step reads it (this rank's pieces when
+    sharded), what the arena holds then, and the dtypes the collectives were handed."""
     model = _model(rank)
     acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=CLIP,
                              process_group=pg, shard_optimizer_state=shard, reduce_dtype=torch.bfloat16, **BUCKETS)
@@ -397,12 +397,13 @@ def _fa_wire(rank: int, shard: bool, pg):
             acc.backward(F.mse_loss(model(x), y))
             if m == MICRO - 1:
                 dp.wait()
-                reduced = {}
+                reduced, arena = {}, {}
                 for k, b in enumerate(dp.buckets):
                     x0, y0 = b.mine(rank) if shard else (b.lo, b.hi)
-                    reduced[k] = (x0 - b.lo, dp.windows[b.window_index].arena.grad[x0:y0].clone())
+                    reduced[k] = (x0 - b.lo, dp.reduced_grad(b.window_index)[x0:y0].clone())
+                    arena[k] = dp.windows[b.window_index].arena.grad[b.lo : b.hi].clone()
             acc.step()
-    return {"local": local, "reduced": reduced, "dtypes": dtypes}
+    return {"local": local, "reduced": reduced, "arena": arena, "dtypes": dtypes}
 
 
 def _build_adamw(rank: int, pg, shard: bool = False, wire: torch.dtype | None = None):
@@ -617,9 +618,11 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str, backends: lis
             run((b, "resume-reduced" + z), b, _fa_resume, rank, True, shard)
             run((b, "wire" + z), b, _fa_wire, rank, shard)
         bf16_wire = dict(wire=torch.bfloat16)
-        run((b, "plain-bf16wire"), b, functools.partial(_fa_plain, **bf16_wire), rank, False)
-        run((b, "resume-mid-bf16wire"), b, functools.partial(_fa_resume, **bf16_wire), rank, False, False)
-        run((b, "resume-reduced-bf16wire"), b, functools.partial(_fa_resume, **bf16_wire), rank, True, False)
+        for shard in (False, True):
+            z = "-zero1" * shard + "-bf16wire"
+            run((b, "plain" + z), b, functools.partial(_fa_plain, **bf16_wire), rank, shard)
+            run((b, "resume-mid" + z), b, functools.partial(_fa_resume, **bf16_wire), rank, False, shard)
+            run((b, "resume-reduced" + z), b, functools.partial(_fa_resume, **bf16_wire), rank, True, shard)
         run((b, "zero1-checkpoint"), b, _fa_zero1_checkpoint, rank)
         for dtype in ("fp32", "bf16"):
             run((b, "zero1-sharded-checkpoint-" + dtype), b, _fa_sharded_checkpoint, rank, dtype)
@@ -762,6 +765,9 @@ def test_a_bf16_wire_adds_the_ranks_fp32_sums_rounded_once(z, device_backend, sp
         assert kinds.get("reduce_scatter", set()) <= {"torch.bfloat16"}, f"rank {rank}: {res['dtypes']}"
         assert len(res["local"]) >= 3 and res["local"].keys() == res["reduced"].keys()
         for k, (start, reduced) in res["reduced"].items():
+            assert reduced.dtype == torch.bfloat16, "the reduction's result stays in bf16, where the norm and the step read it"
+            assert torch.equal(res["arena"][k], res["local"][k]), f"rank {rank}, bucket {k}: no pass writes the arena"
+            reduced = reduced.float()
             rounded = [got[r]["local"][k].bfloat16().double() for r in range(world)]
             want = sum(rounded)[start : start + reduced.numel()]
             if world == 2:  # one bf16 addition: exact to the bit whatever the order
@@ -771,8 +777,6 @@ def test_a_bf16_wire_adds_the_ranks_fp32_sums_rounded_once(z, device_backend, sp
                 bound = (world - 1) * 2.0**-8 * sum(r.abs() for r in rounded)[start : start + reduced.numel()]
                 err = (reduced.double() - want).abs()
                 assert bool((err <= bound).all()), f"rank {rank}, bucket {k}: off by {(err - bound).max():.3g}"
-            assert reduced.dtype == torch.float32, "the step reads the reduction from the fp32 arena"
-            assert torch.equal(reduced.bfloat16().float(), reduced), f"rank {rank}, bucket {k}: not what the wire carried"
     if not z:
         for k in got[0]["reduced"]:
             for rank in range(1, world):
@@ -787,7 +791,7 @@ def test_buckets_are_reduced_as_their_gradients_complete(fused, device_backend, 
         assert res["launched_in_backward"] == [res["buckets"]], f"rank {rank}: {res}"
 
 
-@pytest.mark.parametrize("z", ["", "-zero1", "-bf16wire"], ids=["whole", "zero1", "bf16wire"])
+@pytest.mark.parametrize("z", ["", "-zero1", "-bf16wire", "-zero1-bf16wire"], ids=["whole", "zero1", "bf16wire", "zero1-bf16wire"])
 @pytest.mark.parametrize("where", ["resume-mid", "resume-reduced"])
 def test_resume_per_rank(where, z, device_backend, spawned):
     b = _backend(device_backend)
