@@ -13,7 +13,9 @@ group, and leaves its results in files; the tests then compare:
 * collectives: one all-reduce per bucket plus the window's summary, none before the last micro-batch;
 * a checkpoint in the middle of a window and one between the last backward and the step resume exactly;
 * fused modules (fa.fuse_modules): a fused model matches the same references, and its buckets are
-  reduced during the last backward as their fused writes complete;
+  reduced during the last backward as their fused writes complete; so does a layer that writes
+  p.main_grad itself (main_grad=True, as TransformerEngine's fuse_wgrad_accumulation), with and
+  without a bf16 wire;
 * reduce_dtype=torch.bfloat16: the collectives carry bf16 buckets, and what comes back is the
   ranks' fp32 window sums, each rounded to bf16 once, added (bit-exact with 2 ranks); fp32 and
   bf16 models with it train as DDP + no_sync does within bf16's precision;
@@ -47,6 +49,7 @@ import fusedaccum as fa
 from fusedaccum import dispatch
 from spawn import free_port, spawn_and_collect
 from test_lion import PaperLion
+from test_modules import MainGradNet
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
@@ -354,6 +357,40 @@ def _fa_count(rank: int, shard: bool, pg):
     return {"log": log, "buckets": len(acc._dp.buckets), "order": [kind for kind, _ in seen]}
 
 
+def _main_grad_batch(rank: int, k: int):
+    g = torch.Generator().manual_seed(500 + 10 * rank + k)
+    return torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 3, generator=g)
+
+
+def _ref_main_grad(rank: int, pg):
+    torch.manual_seed(11)
+    model = MainGradNet()  # without main_grad attributes its layer hands autograd the gradient
+    ddp = nn.parallel.DistributedDataParallel(model, process_group=pg, bucket_cap_mb=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.1)
+    for k in range(WINDOWS * MICRO):
+        x, y = _main_grad_batch(rank, k)
+        with ddp.no_sync() if k % MICRO < MICRO - 1 else _null():
+            (F.mse_loss(ddp(x), y) / MICRO).backward()
+        if k % MICRO == MICRO - 1:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            opt.step()
+            opt.zero_grad()
+    return _snapshot(model)
+
+
+def _fa_main_grad(rank: int, wire: str, pg):
+    torch.manual_seed(11)
+    model = MainGradNet()
+    acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2, weight_decay=0.1), accumulation_steps=MICRO,
+                             max_grad_norm=CLIP, main_grad=True, process_group=pg, reduce_dtype=WIRE[wire], **BUCKETS)
+    for k in range(WINDOWS * MICRO):
+        x, y = _main_grad_batch(rank, k)
+        acc.backward(F.mse_loss(model(x), y))
+        acc.step()
+        assert model.w.grad is None and model.w.grad_added_to_main_grad is False
+    return _snapshot(model)
+
+
 def _fa_ready(rank: int, fused: bool, pg):
     """How many buckets were reduced before the last backward ended: with every parameter used, all of
     them (a bucket starts when its last parameter's gradient is in, fused writes counted as folds)."""
@@ -604,10 +641,13 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str, backends: lis
         if case.id == case.ref_id:  # the cases that differ in fa's options only share a reference
             run((REF, case.id), None, _ref_ddp, case, rank)
     run((REF, "unused"), None, _ref_unused, rank, world)
+    run((REF, "main_grad"), None, _ref_main_grad, rank)
     for b in backends:
         for case in CASES:
             run((b, case.id), b, _fa, case, rank)
         run((b, "unused"), b, _fa_unused, rank, world)
+        for wire in WIRE:
+            run((b, "main_grad-" + wire), b, _fa_main_grad, rank, wire)
         run((b, "items"), b, _fa_items, rank)
         for shard in (False, True):
             z = "-zero1" if shard else ""
@@ -696,6 +736,15 @@ def test_a_parameter_used_on_one_rank_steps_everywhere(device_backend, spawned):
     refs, got = _results(spawned, (REF, "unused")), _results(spawned, (b, "unused"))
     _identical_across_ranks(got, "fa")
     problems = [p for r in range(len(refs)) for p in _close(got[r], refs[r], "fp32", f"rank {r}")]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("wire", list(WIRE))
+def test_a_layer_writing_p_main_grad_is_reduced_like_ddp(wire, device_backend, spawned):
+    b = _backend(device_backend)
+    refs, got = _results(spawned, (REF, "main_grad")), _results(spawned, (b, "main_grad-" + wire))
+    _identical_across_ranks(got, "fa")
+    problems = [p for r in range(len(refs)) for p in _close(got[r], refs[r], wire, f"rank {r}")]
     assert not problems, "\n".join(problems)
 
 
