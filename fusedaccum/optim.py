@@ -283,6 +283,7 @@ class FusedOptimizer:
                 f = _one(arena.device)
             inf = found_inf.get(arena.device)
             increment = None if inf is None else 1 - inf
+            source = (grads or {}).get(id(arena))  # None: arena.grad
             for a, b in arena.runs(t):
                 steps = arena.steps[a:b]
                 if increment is None:
@@ -291,7 +292,7 @@ class FusedOptimizer:
                     steps.add_(increment)
                 for x, y, direct in arena.split_direct(a, b):
                     for piece in arena.pieces(*arena.range_of(x, y)):  # the whole range, or this rank's shard of it
-                        param, copy, grad, state = arena.step_slices(*piece, grad=(grads or {}).get(id(arena)))
+                        param, copy, grad, state = arena.step_slices(*piece, grad=source)
                         grad = grad if direct is None else direct
                         self._step_range(group, param, copy, grad, state, arena.steps[a], f, inf)
                         if stepped is not None:

@@ -8,8 +8,8 @@ the CUDA and the Triton kernels alike, and SGD and Lion (fewer bytes) took 1.7 m
 that the bytes do not explain. The accumulate of one 64M tensor took 260 µs against 199 µs for
 `p.grad += g`. Each call here is measured three ways:
 
-  event   as the bench times it: CUDA events from a synchronized start, so the host's latency
-          before the first kernel counts (on CPU: wall time)
+  event   as the bench times it (its Clock: setup, cache flush, then CUDA events from a
+          synchronized start, so the host's latency before the first kernel counts; on CPU wall time)
   host    perf_counter until the call returns, nothing synchronized: what the host spends
   kernels the profiler's device time per kernel (on CPU: per op, self CPU time)
 
@@ -32,6 +32,7 @@ import fusedaccum as fa
 from fusedaccum import dispatch
 from fusedaccum.bench.cases import (MAX_GRAD_NORM, backend, gpt2_shapes, leaf_params, probe_loss, random_tensors,
                                     reopen_window)
+from fusedaccum.bench.timing import Clock
 
 REPS = 7
 
@@ -43,39 +44,28 @@ def device_time_us(event) -> float:
     return 0.0
 
 
-def measure(fn, setup, device: torch.device) -> dict:
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    setup()
-    fn()  # warm-up
-    sync()
-    events, hosts = [], []
+def measure(fn, setup, clock: Clock) -> dict:
+    cuda = clock.cuda
+    event = clock.measure(fn, setup)  # the bench's own timer: setup, cache flush, then the timed call
+    hosts = []
     for _ in range(REPS):
         setup()
-        sync()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        clock.sync()
         t0 = time.perf_counter()
         fn()
         hosts.append(time.perf_counter() - t0)
-        if cuda:
-            end.record()
-            end.synchronize()
-            events.append(start.elapsed_time(end) / 1e3)
-        else:
-            events.append(hosts[-1])
+        clock.sync()
     setup()
-    sync()
+    clock.sync()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         fn()
-        sync()
+        clock.sync()
     if cuda:
         rows = [(e.key, e.count, device_time_us(e)) for e in prof.key_averages() if device_time_us(e) > 0]
     else:
         rows = [(e.key, e.count, float(e.self_cpu_time_total)) for e in prof.key_averages() if e.self_cpu_time_total > 0]
     rows.sort(key=lambda r: -r[2])
-    return {"event_us": 1e6 * statistics.median(events), "host_us": 1e6 * statistics.median(hosts),
+    return {"event_us": 1e6 * event, "host_us": 1e6 * statistics.median(hosts),
             "kernels_us": sum(r[2] for r in rows), "kernels": [{"name": n, "count": c, "us": t} for n, c, t in rows]}
 
 
@@ -136,9 +126,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"gpu_profile on {name}: torch {torch.__version__}, backends {backends}, GPT-2 shapes "
           f"({sum(torch.Size(s).numel() for s in shapes) / 1e6:.1f}M parameters, {len(shapes)} tensors)")
+    clock = Clock(device, min_time=0.05, min_reps=REPS)
     results = {}
     for label, (fn, setup) in cases.items():
-        r = results[label] = measure(fn, setup, device)
+        r = results[label] = measure(fn, setup, clock)
         print(f"\n{label}\n  event {r['event_us']:9.1f} us   host {r['host_us']:9.1f} us   "
               f"{'kernels' if device.type == 'cuda' else 'ops (self CPU)'} {r['kernels_us']:9.1f} us")
         for k in r["kernels"][:8]:
