@@ -621,8 +621,10 @@ class GradAccumulator:
             if self._dp is None:
                 # Norm and inf flag of parameters whose last gradient came before the last micro-batch.
                 for w in self._windows:
-                    views = [w.grad_views[i] for i, (t, t_last) in enumerate(zip(w.touched, w.touched_last)) if t and not t_last]
-                    _add_squares(views, *self._stats[w.arena.device])
+                    ever, last = w.touched, w.touched_last
+                    if ever != last:
+                        views = [w.grad_views[i] for i, (t, t_last) in enumerate(zip(ever, last)) if t and not t_last]
+                        _add_squares(views, *self._stats[w.arena.device])
             else:
                 for device, (sumsq, found_inf) in self._stats.items():
                     sumsq.zero_()

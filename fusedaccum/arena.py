@@ -260,6 +260,9 @@ class Arena:
 
     def runs(self, touched: list[bool]) -> list[tuple[int, int]]:
         """Maximal [a, b) ranges of touched parameters that share a step count."""
+        classes = self.step_class
+        if touched and all(touched) and classes.count(classes[0]) == len(classes):
+            return [(0, len(touched))]  # the usual step: every parameter, one count (no loop in Python)
         out, start = [], None
         for i, t in enumerate(touched + [False]):
             if start is not None and (not t or self.step_class[i] != self.step_class[start]):

@@ -154,19 +154,14 @@ class FusedOptimizer:
         touched = []
         for arena in self._arenas:
             names = self._state_names_for(self.param_groups[arena.group_index])
-            params = arena.params
-            # Whole-list comparisons first (thousands of parameters per step): the per-parameter
-            # work only where something changed.
-            if [p.data_ptr() for p in params] != arena.data_ptrs or {p.dtype for p in params} != {arena.dtype}:
+            in_place, changed_versions, changed_states = _probe(arena, state)
+            if not in_place:
                 arena.check_params()
-            if arena.has_master:
-                versions = [p._version for p in params]
-                if versions != arena.versions:
-                    for i, (now, seen) in enumerate(zip(versions, arena.versions)):
-                        if now != seen:
-                            arena.reseed_master(i)
+            for i in changed_versions:
+                arena.reseed_master(i)
             adopted = False
-            for i, (published, entry) in enumerate(zip(arena.published, map(state.get, params))):
+            for i in changed_states:
+                published, entry = arena.published[i], state.get(arena.params[i])
                 if published is None:
                     if not entry:
                         continue  # no state yet, none set by hand
@@ -275,9 +270,10 @@ class FusedOptimizer:
             group = self.param_groups[arena.group_index]
             names = self._state_names_for(group)
             arena.ensure_state(names)
-            for i in range(len(t)):
-                if t[i] and arena.published[i] is None:  # first step of this parameter
-                    self._publish(arena, i, names)
+            if None in arena.published:
+                for i in range(len(t)):
+                    if t[i] and arena.published[i] is None:  # first step of this parameter
+                        self._publish(arena, i, names)
             f = factor.get(arena.device)
             if f is None:
                 f = _one(arena.device)
@@ -481,6 +477,48 @@ class FusedOptimizer:
                 if key != "step" and torch.is_tensor(value) and torch.is_tensor(entry.get(key)):
                     if value.dtype != entry[key].dtype:
                         entry[key] = value.to(p.device)
+
+
+def _probe(arena: Arena, state: dict) -> tuple[bool, list[int], list[int]]:
+    """Where _reconcile must look: (whether every parameter still has the storage and dtype the
+    arena recorded, the parameters whose version moved (with fp32 masters), the parameters whose
+    optimizer.state entry may not be what the arena published). The compiled probe
+    (csrc/reconcile.cpp) where it loaded and can tell, else _probe_in_python."""
+    versions = arena.versions if arena.has_master else None
+    if _native_probe is not None:
+        found = _native_probe(arena.params, arena.data_ptrs, arena.dtype, versions, state, arena.published)
+        if found is not None:
+            return found
+    return _probe_in_python(arena.params, arena.data_ptrs, arena.dtype, versions, state, arena.published)
+
+
+def _probe_in_python(params, data_ptrs, dtype, versions, state, published) -> tuple[bool, list[int], list[int]]:
+    """The reference for csrc/reconcile.cpp: whole-list comparisons first, so that the
+    per-parameter work is only where something changed."""
+    in_place = [p.data_ptr() for p in params] == data_ptrs and {p.dtype for p in params} <= {dtype}
+    changed_versions = []
+    if versions is not None:
+        now = [p._version for p in params]
+        if now != versions:
+            changed_versions = [i for i, (a, b) in enumerate(zip(now, versions)) if a != b]
+    changed_states = [
+        i for i, (pub, entry) in enumerate(zip(published, map(state.get, params)))
+        if (entry if pub is None else not _shows(entry, pub))
+    ]
+    return in_place, changed_versions, changed_states
+
+
+def _load_native_probe():
+    from fusedaccum.dispatch import extension_loaded
+
+    if not extension_loaded():
+        return None
+    from fusedaccum import _C
+
+    return _C.reconcile_probe
+
+
+_native_probe = _load_native_probe()
 
 
 def _shows(entry: dict | None, published: dict) -> bool:

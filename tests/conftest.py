@@ -54,3 +54,16 @@ def _default_backend():
     yield
     fa.set_backend(None)
 
+
+
+@pytest.fixture(params=["compiled", "python"])
+def probe(request, monkeypatch):
+    """FusedOptimizer._reconcile's per-parameter checks through csrc/reconcile.cpp, or through
+    their Python reference (what runs where the extension did not load)."""
+    from fusedaccum import optim
+
+    if request.param == "python":
+        monkeypatch.setattr(optim, "_native_probe", None)
+    elif optim._native_probe is None:
+        pytest.skip("the compiled extension did not load")
+    return request.param

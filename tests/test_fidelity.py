@@ -450,7 +450,7 @@ STATE_CASES = [(name, op) for name, ops in STATE_OPS.items() for op in ops]
 
 @pytest.mark.parametrize("mode", ["plain", "swap-in", "full"])
 @pytest.mark.parametrize("name, op", STATE_CASES, ids=[f"{n}-{o}" for n, o in STATE_CASES])
-def test_optimizer_state_changes_are_followed(name, op, mode):
+def test_optimizer_state_changes_are_followed(name, op, mode, probe):
     """optimizer_state_reset.py: what the user does to optimizer.state is what the next step uses,
     and state_dict() shows it (never empty)."""
     windows = data(5)
@@ -547,7 +547,7 @@ def test_load_state_dict_keeps_what_post_hooks_write(mode):
 
 
 @pytest.mark.parametrize("mode", ["plain", "swap-in", "full"])
-def test_rollback_to_a_state_dict_where_a_parameter_had_no_state(mode):
+def test_rollback_to_a_state_dict_where_a_parameter_had_no_state(mode, probe):
     """Loading an older state_dict in which `b` had no state drops b's newer moments and step."""
     windows = data(5)
 
@@ -616,7 +616,7 @@ CHANGED = {"model.load_state_dict": ("weight", "bias"), "weight.copy_": ("weight
 @pytest.mark.parametrize("mode", ["plain", "swap-in", "full"])
 @pytest.mark.parametrize("change", list(CHANGES))
 @pytest.mark.parametrize("name, when", [("SGD", "after a step"), ("AdamW", "before the first step"), ("AdamW", "after a step")])
-def test_master_weights_follow_the_parameters(name, when, change, mode):
+def test_master_weights_follow_the_parameters(name, when, change, mode, probe):
     """master_stale_after_load.py: a bf16 parameter changed in place outside the optimizer
     (under no_grad) is where the next step starts from: its fp32 master is re-seeded from it.
     Against torch.optim on an fp32 copy changed alike, whose changed parameters are rounded to
@@ -996,7 +996,7 @@ def test_accelerate_save_model_keeps_every_tensor(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["plain", "swap-in", "full"])
-def test_model_converted_after_the_optimizer_was_built(mode):
+def test_model_converted_after_the_optimizer_was_built(mode, probe):
     model = linear()
     loop = Loop(mode, model, "AdamW", forward=cast_forward(model), lr=1e-3)
     model.to(torch.bfloat16)

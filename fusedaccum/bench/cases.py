@@ -26,6 +26,7 @@ import gc
 from dataclasses import dataclass, field
 from typing import Callable
 import statistics
+import time
 
 import torch
 
@@ -750,10 +751,11 @@ HOST_GRADIENTS = 2000
 
 def host_job(s: Settings) -> list[Row]:
     """Thousands of 16-element parameters: the kernels have nothing to do, so the times
-    (back-to-back calls, warm caches: Clock.host_time) are the host's. Three comparisons: a micro-batch's backward (torch's AccumulateGrad against the
-    accumulator's C++ hooks and folds), one accumulate call from Python over every gradient
-    (against torch._foreach_add_), and the fold the accumulator makes from C++ (the same call
-    without the trip through Python)."""
+    (back-to-back calls, warm caches: Clock.host_time) are the host's. Four comparisons: a
+    micro-batch's backward (torch's AccumulateGrad against the accumulator's C++ hooks and folds),
+    one accumulate call from Python over every gradient (against torch._foreach_add_), the fold
+    the accumulator makes from C++ (the same call without the trip through Python), and the
+    window's boundary (clip + AdamW + zero_grad against acc.step())."""
     n, dev = (200 if s.scale == "tiny" else HOST_GRADIENTS), s.device
     init = random_tensors([(16,)] * n, torch.float32, dev, seed=1)
     weights = random_tensors([(16,)] * n, torch.float32, dev, seed=2)
@@ -811,8 +813,42 @@ def host_job(s: Settings) -> list[Row]:
             s.notes.append(f"host [{b}]: one accumulate over {n} gradients: {public * 1e3:.3f} ms from Python, "
                            f"{in_cpp * 1e3:.3f} ms from the accumulator's C++ fold (target <= 0.2 ms)")
             del acc
+            standard_s, fused_s = _boundary_host_times(s, init, weights, rounds=5 if s.scale == "tiny" else 15)
+            rows.append(Row("host", layout, "fp32", b, "window boundary (clip + AdamW)",
+                            "clip_grad_norm_ + fused AdamW + zero_grad", "acc.step()", standard_s, fused_s, n * 16, None))
+            s.notes.append(f"host [{b}]: the window boundary costs {fused_s / n * 1e6:.2f} µs per parameter with "
+                           f"fusedaccum, {standard_s / n * 1e6:.2f} µs with torch ({n} parameters)")
         release()
     return rows
+
+
+def _boundary_host_times(s: Settings, init, weights, rounds: int) -> tuple[float, float]:
+    """Median seconds to issue a window's boundary, after a backward each round (untimed): torch's
+    clip_grad_norm_ + fused AdamW step + zero_grad, and acc.step() (full path, N = 1). On CUDA the
+    device is synchronized after the timed call, so the time is the host's."""
+    standard_params = leaf_params(init)
+    opt = torch.optim.AdamW(standard_params, lr=1e-3, fused=True)
+    params = leaf_params(init)
+    acc = fa.GradAccumulator(fa.AdamW(params, lr=1e-3), accumulation_steps=1, max_grad_norm=MAX_GRAD_NORM)
+
+    def standard_step():
+        torch.nn.utils.clip_grad_norm_(standard_params, MAX_GRAD_NORM)
+        opt.step()
+        opt.zero_grad()
+
+    sides = {"standard": (lambda: probe_loss(standard_params, weights).backward(), standard_step),
+             "fused": (lambda: acc.backward(probe_loss(params, weights)), acc.step)}
+    times = {side: [] for side in sides}
+    for r in range(rounds + 2):  # two warm-up rounds
+        for side, (backward, step) in sides.items():
+            backward()
+            s.clock.sync()
+            t0 = time.perf_counter()
+            step()
+            if r >= 2:
+                times[side].append(time.perf_counter() - t0)
+            s.clock.sync()
+    return statistics.median(times["standard"]), statistics.median(times["fused"])
 
 
 def plan(s: Settings, sections: list[str]) -> list[Job]:
