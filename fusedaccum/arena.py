@@ -336,6 +336,15 @@ def build_arenas(param_groups: list[dict], master_weights: bool | str, start: in
             seen.add(id(p))
             if p.layout != torch.strided:
                 raise ValueError(f"fusedaccum optimizers need dense parameters; {name} is {p.layout}")
+            if type(p.data) is not torch.Tensor:
+                # A wrapper subclass (DTensor, float8, quantized weights) computes through its own
+                # dispatch: the arena's flat views of plain memory would not be the parameter.
+                raise ValueError(
+                    f"fusedaccum optimizers need plain tensors as parameters; {name} is a {type(p.data).__name__} "
+                    f"(FSDP2's fully_shard and tensor parallel make DTensors; float8 and quantized weights are tensor "
+                    f"subclasses too). Keep such parameters on a torch.optim optimizer; for data parallel, use "
+                    f"fa.GradAccumulator(opt, ..., process_group=...) on the model itself instead of sharding it."
+                )
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(
                     f"fusedaccum optimizers support float32, bfloat16 and float16 parameters; {name} is {p.dtype}. "

@@ -1,5 +1,9 @@
 """Every misuse raises an error that says what to do."""
 import gc
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,6 +65,45 @@ def test_sparse_gradients(with_accumulator):
     with pytest.raises(ValueError, match="dense gradients only"):
         emb(torch.tensor([1, 2])).sum().backward()
         opt.step()
+
+
+def test_tensor_subclass_parameters_are_refused():
+    """A wrapper subclass (here torch's TwoTensor) computes through its own dispatch: the arena's
+    plain views would not be the parameter. Refused before anything moves."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    plain = torch.nn.Parameter(torch.ones(3))
+    wrapped = torch.nn.Parameter(TwoTensor(torch.zeros(3), torch.zeros(3)))
+    where = plain.data_ptr()
+    with pytest.raises(ValueError, match=r"plain tensors.*TwoTensor.*torch\.optim"):
+        fa.AdamW([plain, wrapped])
+    assert plain.data_ptr() == where, "a refused group moved a parameter"
+
+
+FSDP2 = """
+import os, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import fusedaccum as fa
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0, world_size=1)
+m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+fully_shard(m)
+try:
+    fa.AdamW(m.parameters())
+except ValueError as e:
+    print("REFUSED:", e)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_parameters_are_refused():
+    """FSDP2's fully_shard turns the parameters into DTensors (one rank on gloo, in a process of its own)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = subprocess.run([sys.executable, "-c", FSDP2], env={**os.environ, "PORT": str(port)},
+                         capture_output=True, text=True, timeout=120)
+    assert "REFUSED:" in run.stdout, run.stdout + run.stderr
+    assert "DTensor" in run.stdout and "process_group=" in run.stdout
 
 
 def test_step_without_backward():
