@@ -6,9 +6,9 @@
 // parameters is most of the boundary's host time; here it is a few tens of nanoseconds. The
 // probe only says where to look: the Python side (_reconcile) runs its own checks on the
 // indices named here and acts on them. Where the probe cannot be sure (a tensor subclass, a
-// state that is not a dict) it answers None and Python probes itself (optim._probe_in_python,
+// state that is not a dict or defaultdict) it answers None and Python probes itself (optim._probe_in_python,
 // the reference this is tested against). It may name more state entries than have changed
-// (an entry that is not a dict), never fewer.
+// (an entry that is not a plain dict), never fewer.
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -24,6 +24,14 @@ namespace py = pybind11;
 // A plain tensor or nn.Parameter (not a subclass, whose data_ptr / _version Python may override).
 const at::Tensor* plain_tensor(PyObject* obj) {
   return THPVariable_CheckExact(obj) ? &THPVariable_Unpack(obj) : nullptr;
+}
+
+// optimizer.state as torch.optim makes it (a defaultdict) or a plain dict, whose get() is the
+// dict's own lookup (a subclass may override it: Python probes then).
+bool plain_dict(PyObject* obj) {
+  static PyTypeObject* const defaultdict =  // kept for the process's life (no teardown order to get wrong)
+      reinterpret_cast<PyTypeObject*>(py::object(py::module_::import("collections").attr("defaultdict")).release().ptr());
+  return PyDict_CheckExact(obj) || Py_TYPE(obj) == defaultdict;
 }
 
 // Whether optimizer.state[p] (`entry`, a dict) still holds every object the arena published
@@ -47,7 +55,7 @@ py::object reconcile_probe(const py::list& params, const py::list& data_ptrs, co
                            const py::object& versions, const py::object& state, const py::list& published) {
   const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
   const bool with_versions = !versions.is_none();
-  if (!THPDtype_Check(dtype.ptr()) || !PyDict_Check(state.ptr()) || PyList_GET_SIZE(data_ptrs.ptr()) != n ||
+  if (!THPDtype_Check(dtype.ptr()) || !plain_dict(state.ptr()) || PyList_GET_SIZE(data_ptrs.ptr()) != n ||
       PyList_GET_SIZE(published.ptr()) != n || (with_versions && (!PyList_Check(versions.ptr()) ||
                                                                    PyList_GET_SIZE(versions.ptr()) != n)))
     return py::none();
@@ -85,11 +93,11 @@ py::object reconcile_probe(const py::list& params, const py::list& data_ptrs, co
     if (entry == nullptr && PyErr_Occurred()) throw py::error_already_set();
     PyObject* pub = PyList_GET_ITEM(published.ptr(), i);
     bool same;
-    if (entry != nullptr && !PyDict_Check(entry)) {
+    if (entry != nullptr && !PyDict_CheckExact(entry)) {
       same = false;  // something else set by hand: Python decides
     } else if (pub == Py_None) {
       same = entry == nullptr || PyDict_GET_SIZE(entry) == 0;  // no state yet, none set by hand
-    } else if (!PyDict_Check(pub)) {
+    } else if (!PyDict_CheckExact(pub)) {
       same = false;
     } else if (entry == nullptr) {
       same = PyDict_GET_SIZE(pub) == 0;

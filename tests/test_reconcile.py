@@ -104,8 +104,17 @@ def test_hands_over_to_python_where_it_cannot_tell():
     opt, params = stepped()
     (arena,) = opt.arenas
     args = lambda state: (arena.params, arena.data_ptrs, arena.dtype, arena.versions, state, arena.published)  # noqa: E731
+    class Logged(dict):  # a dict whose get() Python would call
+        def get(self, key, default=None):
+            return super().get(key, default)
+
     assert optim._native_probe(*args(dict(opt.state))) is not None
     assert optim._native_probe(*args(collections.UserDict(opt.state))) is None
+    assert optim._native_probe(*args(Logged(opt.state))) is None
+    entry = Logged(opt.state[params[1]])  # the same tensors, in a dict subclass: Python looks
+    opt.state[params[1]] = entry
+    assert optim._native_probe(*args(opt.state))[2] == [1]
+    assert optim._probe_in_python(*args(opt.state))[2] == []
     arena.params[0] = params[0].as_subclass(Subclass)
     try:
         assert optim._native_probe(*args(opt.state)) is None
