@@ -12,13 +12,15 @@ import torch
 import fusedaccum as fa
 from fusedaccum import optim
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 pytestmark = pytest.mark.skipif(optim._native_probe is None, reason="the compiled extension did not load")
 
 
-def stepped(n=5, dtype=torch.bfloat16, **kw):
+def stepped(n=5, dtype=torch.bfloat16, device="cpu", **kw):
     """n parameters with fp32 masters, stepped once except the last (no state published for it)."""
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(k + 1, 3, generator=gen).to(dtype)) for k in range(n)]
+    params = [torch.nn.Parameter(torch.randn(k + 1, 3, generator=gen).to(device, dtype)) for k in range(n)]
     opt = fa.AdamW(params, lr=1e-3, master_weights=True, **kw)
     for p in params[:-1]:
         p.grad = torch.ones_like(p)
@@ -67,9 +69,10 @@ CHANGES = {  # change -> (what it does, what the probe must name: (in place, ver
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("change", list(CHANGES))
-def test_compiled_probe_names_what_python_names(change):
-    opt, params = stepped()
+def test_compiled_probe_names_what_python_names(change, device):
+    opt, params = stepped(device=device)
     do, want = CHANGES[change]
     do(opt, params)
     compiled, python = probes(opt)
