@@ -51,13 +51,14 @@ bool shows(PyObject* entry, PyObject* published) {
 //  params_in_place   every parameter still has the data pointer and dtype the arena recorded
 //  changed_versions  (versions given: the arena keeps fp32 masters) parameters whose _version moved
 //  changed_states    parameters whose optimizer.state entry may differ from what was published
-py::object reconcile_probe(const py::list& params, const py::list& data_ptrs, const py::object& dtype,
-                           const py::object& versions, const py::object& state, const py::list& published) {
-  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+py::object reconcile_probe(const py::object& params, const py::object& data_ptrs, const py::object& dtype,
+                           const py::object& versions, const py::object& state, const py::object& published) {
   const bool with_versions = !versions.is_none();
-  if (!THPDtype_Check(dtype.ptr()) || !plain_dict(state.ptr()) || PyList_GET_SIZE(data_ptrs.ptr()) != n ||
-      PyList_GET_SIZE(published.ptr()) != n || (with_versions && (!PyList_Check(versions.ptr()) ||
-                                                                   PyList_GET_SIZE(versions.ptr()) != n)))
+  auto list_of = [](const py::object& obj, Py_ssize_t n) { return PyList_Check(obj.ptr()) && PyList_GET_SIZE(obj.ptr()) == n; };
+  if (!PyList_Check(params.ptr())) return py::none();
+  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+  if (!THPDtype_Check(dtype.ptr()) || !plain_dict(state.ptr()) || !list_of(data_ptrs, n) || !list_of(published, n) ||
+      (with_versions && !list_of(versions, n)))
     return py::none();
   const at::ScalarType want = reinterpret_cast<THPDtype*>(dtype.ptr())->scalar_type;
   std::vector<const at::Tensor*> tensors(n);

@@ -114,6 +114,7 @@ def test_hands_over_to_python_where_it_cannot_tell():
     assert optim._native_probe(*args(dict(opt.state))) is not None
     assert optim._native_probe(*args(collections.UserDict(opt.state))) is None
     assert optim._native_probe(*args(Logged(opt.state))) is None
+    assert optim._native_probe(tuple(arena.params), *args(opt.state)[1:]) is None
     entry = Logged(opt.state[params[1]])  # the same tensors, in a dict subclass: Python looks
     opt.state[params[1]] = entry
     assert optim._native_probe(*args(opt.state))[2] == [1]
