@@ -29,8 +29,9 @@ const at::Tensor* plain_tensor(PyObject* obj) {
 // optimizer.state as torch.optim makes it (a defaultdict) or a plain dict, whose get() is the
 // dict's own lookup (a subclass may override it: Python probes then).
 bool plain_dict(PyObject* obj) {
-  static PyTypeObject* const defaultdict =  // kept for the process's life (no teardown order to get wrong)
-      reinterpret_cast<PyTypeObject*>(py::object(py::module_::import("collections").attr("defaultdict")).release().ptr());
+  // Kept for the process's life (released: no teardown order to get wrong).
+  static PyTypeObject* const defaultdict = reinterpret_cast<PyTypeObject*>(
+      py::object(py::module_::import("collections").attr("defaultdict")).release().ptr());
   return PyDict_CheckExact(obj) || Py_TYPE(obj) == defaultdict;
 }
 
@@ -54,7 +55,9 @@ bool shows(PyObject* entry, PyObject* published) {
 py::object reconcile_probe(const py::object& params, const py::object& data_ptrs, const py::object& dtype,
                            const py::object& versions, const py::object& state, const py::object& published) {
   const bool with_versions = !versions.is_none();
-  auto list_of = [](const py::object& obj, Py_ssize_t n) { return PyList_Check(obj.ptr()) && PyList_GET_SIZE(obj.ptr()) == n; };
+  auto list_of = [](const py::object& obj, Py_ssize_t n) {
+    return PyList_Check(obj.ptr()) && PyList_GET_SIZE(obj.ptr()) == n;
+  };
   if (!PyList_Check(params.ptr())) return py::none();
   const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
   if (!THPDtype_Check(dtype.ptr()) || !plain_dict(state.ptr()) || !list_of(data_ptrs, n) || !list_of(published, n) ||
