@@ -96,11 +96,12 @@ dist.destroy_process_group()
 
 
 def test_fsdp2_parameters_are_refused():
-    """FSDP2's fully_shard turns the parameters into DTensors (one rank on gloo, in a process of its own)."""
+    """FSDP2's fully_shard turns the parameters into DTensors (one rank on gloo, in a process of its
+    own, without GPUs: fully_shard would otherwise move the model to one)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    run = subprocess.run([sys.executable, "-c", FSDP2], env={**os.environ, "PORT": str(port)},
+    run = subprocess.run([sys.executable, "-c", FSDP2], env={**os.environ, "PORT": str(port), "CUDA_VISIBLE_DEVICES": ""},
                          capture_output=True, text=True, timeout=120)
     assert "REFUSED:" in run.stdout, run.stdout + run.stderr
     assert "DTensor" in run.stdout and "process_group=" in run.stdout
