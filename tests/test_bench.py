@@ -91,6 +91,27 @@ def test_bench_data_parallel_section(tmp_path):
     assert 8.0 <= state["process_group=, bf16 wire"] < 8.1
 
 
+def test_bench_host_section(tmp_path):
+    """Thousands of tiny parameters (200 at --tiny): the host's time per micro-batch, per fold and at
+    the boundary, for the compiled backend, with the notes that compare them to issue 13's targets."""
+    argv = ["--device", "cpu", "--tiny", "--cases", "host", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    runs = [p for p in tmp_path.glob("*.json") if not p.name.startswith("latest-")]
+    run = json.loads(runs[0].read_text())
+    rows = run["rows"]
+    assert [(r["backend"], r["case"], r["fused"]) for r in rows] == [
+        ("cpp", "micro-batch backward", "acc.backward(loss)"),
+        ("cpp", "one call over every gradient", "fusedaccum.accumulate (from Python)"),
+        ("cpp", "one call over every gradient", "the accumulator's fold (C++)"),
+        ("cpp", "window boundary (clip + AdamW)", "acc.step()"),
+    ]
+    for r in rows:
+        assert r["section"] == "host" and r["layout"] == "200 x 16" and r["params"] == 200 * 16, r
+        assert math.isfinite(r["ratio"]) and r["standard_s"] > 0 and r["fused_s"] > 0, r
+    notes = [n for n in run["notes"] if n.startswith("host [cpp]")]
+    assert len(notes) == 3 and "µs per parameter with fusedaccum" in notes[2]
+
+
 def test_bench_fused_modules_section(tmp_path):
     """The tied LM three ways (standard, full path, fused modules) and the embedding backward alone,
     with the window memory per side and the boundary read pass's cost."""
