@@ -6,9 +6,9 @@
 // parameters is most of the boundary's host time; here it is a few tens of nanoseconds. The
 // probe only says where to look: the Python side (_reconcile) runs its own checks on the
 // indices named here and acts on them. Where the probe cannot be sure (a tensor subclass, a
-// state that is not a dict or defaultdict) it answers None and Python probes itself (optim._probe_in_python,
-// the reference this is tested against). It may name more state entries than have changed
-// (an entry that is not a plain dict), never fewer.
+// state that is not a dict or defaultdict) it answers None and Python probes itself
+// (optim._probe_in_python, the reference this is tested against). It may name more state
+// entries than have changed (an entry that is not a plain dict), never fewer.
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -75,11 +75,7 @@ py::object reconcile_probe(const py::object& params, const py::object& data_ptrs
     const at::Tensor& p = *tensors[i];
     void* recorded = PyLong_AsVoidPtr(PyList_GET_ITEM(data_ptrs.ptr(), i));
     if (recorded == nullptr && PyErr_Occurred()) throw py::error_already_set();
-    if (p.scalar_type() != want || !p.has_storage()) {
-      in_place = false;
-      break;
-    }
-    in_place = p.data_ptr() == recorded;
+    in_place = p.scalar_type() == want && p.has_storage() && p.data_ptr() == recorded;
   }
 
   py::list changed_versions;

@@ -484,12 +484,10 @@ def _probe(arena: Arena, state: dict) -> tuple[bool, list[int], list[int]]:
     arena recorded, the parameters whose version moved (with fp32 masters), the parameters whose
     optimizer.state entry may not be what the arena published). The compiled probe
     (csrc/reconcile.cpp) where it loaded and can tell, else _probe_in_python."""
-    versions = arena.versions if arena.has_master else None
-    if _native_probe is not None:
-        found = _native_probe(arena.params, arena.data_ptrs, arena.dtype, versions, state, arena.published)
-        if found is not None:
-            return found
-    return _probe_in_python(arena.params, arena.data_ptrs, arena.dtype, versions, state, arena.published)
+    args = (arena.params, arena.data_ptrs, arena.dtype, arena.versions if arena.has_master else None, state,
+            arena.published)
+    found = None if _native_probe is None else _native_probe(*args)
+    return found if found is not None else _probe_in_python(*args)
 
 
 def _probe_in_python(params, data_ptrs, dtype, versions, state, published) -> tuple[bool, list[int], list[int]]:

@@ -55,7 +55,6 @@ def _default_backend():
     fa.set_backend(None)
 
 
-
 @pytest.fixture(params=["compiled", "python"])
 def probe(request, monkeypatch):
     """FusedOptimizer._reconcile's per-parameter checks through csrc/reconcile.cpp, or through

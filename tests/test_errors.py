@@ -1,7 +1,6 @@
 """Every misuse raises an error that says what to do."""
 import gc
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import torch
 
 import fusedaccum as fa
 from fusedaccum import dispatch
+from spawn import free_port
 
 
 def model():
@@ -98,10 +98,7 @@ dist.destroy_process_group()
 def test_fsdp2_parameters_are_refused():
     """FSDP2's fully_shard turns the parameters into DTensors (one rank on gloo, in a process of its
     own, without GPUs: fully_shard would otherwise move the model to one)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    run = subprocess.run([sys.executable, "-c", FSDP2], env={**os.environ, "PORT": str(port), "CUDA_VISIBLE_DEVICES": ""},
+    run = subprocess.run([sys.executable, "-c", FSDP2], env={**os.environ, "PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""},
                          capture_output=True, text=True, timeout=120)
     assert "REFUSED:" in run.stdout, run.stdout + run.stderr
     assert "DTensor" in run.stdout and "process_group=" in run.stdout
