@@ -63,10 +63,14 @@ struct FoldHook : torch::autograd::FunctionPostHook {
 class Window : public std::enable_shared_from_this<Window> {
  public:
   // explain(kind, i) -> str builds the error messages (Python owns their wording);
+  // take_back(i) -> bool has the arena take back parameter i when its data was replaced
+  // (Arena.take_back: the same dtype, device and shape; it then aliases its slice again, at
+  // the recorded address);
   // on_deferred() is called once per backward when a hidden gradient is recorded (swap-in),
   // so that Python queues its end-of-backward fold.
   Window(at::Tensor grad, std::vector<at::Tensor> params, std::vector<int64_t> offsets, int64_t bucket_numel,
-         bool full, at::Tensor sumsq, at::Tensor found_inf, py::object explain, py::object on_deferred)
+         bool full, at::Tensor sumsq, at::Tensor found_inf, py::object explain, py::object take_back,
+         py::object on_deferred)
       : grad_(std::move(grad)),
         params_(std::move(params)),
         offsets_(std::move(offsets)),
@@ -74,6 +78,7 @@ class Window : public std::enable_shared_from_this<Window> {
         sumsq_(std::move(sumsq)),
         found_inf_(std::move(found_inf)),
         explain_(std::move(explain)),
+        take_back_(std::move(take_back)),
         on_deferred_(std::move(on_deferred)),
         native_op_(accumulate_op("fusedaccum_C::accumulate")),
         public_op_(accumulate_op("fusedaccum::accumulate")) {
@@ -110,6 +115,7 @@ class Window : public std::enable_shared_from_this<Window> {
     if (Py_IsInitialized()) {
       py::gil_scoped_acquire gil;
       explain_ = py::object();
+      take_back_ = py::object();
       on_deferred_ = py::object();
       fold_listener_ = py::object();
     }
@@ -203,7 +209,7 @@ class Window : public std::enable_shared_from_this<Window> {
       if (written) notify({i});
       return;
     }
-    if (p.data_ptr() != data_ptrs_[i] || p.scalar_type() != dtype_) fail("param", i, false);
+    if ((p.data_ptr() != data_ptrs_[i] || p.scalar_type() != dtype_) && !take_back(i)) fail("param", i, false);
     if (g.layout() != at::kStrided) fail("sparse", i, true);
     if (!full_) {
       deferred_.push_back(i);
@@ -357,6 +363,11 @@ class Window : public std::enable_shared_from_this<Window> {
  private:
   using Item = std::pair<int64_t, at::Tensor>;
 
+  bool take_back(int64_t i) {
+    py::gil_scoped_acquire gil;
+    return take_back_(i).cast<bool>();
+  }
+
   [[noreturn]] void fail(const char* kind, int64_t i, bool value_error) {
     std::string message;
     {
@@ -470,7 +481,7 @@ class Window : public std::enable_shared_from_this<Window> {
   at::Device device_{at::kCPU};
   bool full_;
   at::Tensor sumsq_, found_inf_;
-  py::object explain_, on_deferred_, fold_listener_ = py::none();
+  py::object explain_, take_back_, on_deferred_, fold_listener_ = py::none();
   bool has_listener_ = false;
   c10::TypedOperatorHandle<AccumulateFn> native_op_, public_op_;
 
@@ -513,9 +524,10 @@ void bind_window(py::module_& m) {
   // dynamic_attr: the accumulator keeps the window's arena and views on it.
   py::class_<Window, std::shared_ptr<Window>>(m, "Window", py::dynamic_attr())
       .def(py::init<at::Tensor, std::vector<at::Tensor>, std::vector<int64_t>, int64_t, bool, at::Tensor, at::Tensor,
-                    py::object, py::object>(),
+                    py::object, py::object, py::object>(),
            py::arg("grad"), py::arg("params"), py::arg("offsets"), py::arg("bucket_numel"), py::arg("full"),
-           py::arg("sumsq"), py::arg("found_inf"), py::arg("explain"), py::arg("on_deferred"))
+           py::arg("sumsq"), py::arg("found_inf"), py::arg("explain"), py::arg("take_back"),
+           py::arg("on_deferred"))
       .def("hook", &Window::hook, R())
       .def("hook_all", &Window::hook_all, R())
       .def("remove_hooks", &Window::remove_hooks, R())

@@ -426,7 +426,8 @@ class GradAccumulator:
                 arena.grad, arena.params, arena.offsets,
                 self._bucket_numel or DEFAULT_BUCKET_NUMEL.get(arena.device.type, DEFAULT_BUCKET_NUMEL["cuda"]),
                 self.full, *self._stats[arena.device],
-                functools.partial(_explain, arena), functools.partial(_queue_end_of_backward_if_alive, weakref.ref(self)),
+                functools.partial(_explain, arena), arena.take_back,
+                functools.partial(_queue_end_of_backward_if_alive, weakref.ref(self)),
             )
             w.arena, w.grad_views = arena, arena.views(arena.grad)
             self._windows.append(w)
@@ -501,7 +502,7 @@ class GradAccumulator:
             if w.first_grad() >= 0:
                 # A parameter converted to another dtype or device gets a new AccumulateGrad
                 # node, without the hook: say that, not that the gradient came from elsewhere.
-                w.arena.check_params()
+                w.arena.take_back_params()
                 raise RuntimeError(
                     "a parameter of a full-path GradAccumulator has a p.grad that did not come through acc.backward(): "
                     "it was written after the accumulator took the gradient (DistributedDataParallel does this when it "

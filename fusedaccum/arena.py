@@ -68,6 +68,7 @@ class Arena:
                 view.copy_(p)
                 p.data = alias(view)
         self.data_ptrs = [p.data_ptr() for p in params]
+        self.shapes = [p.shape for p in params]
         # Master weights: an fp32 copy of the parameters, or (master_weights="remainder", bf16)
         # the low 16 bits of the fp32 master, which the bf16 parameter completes bit for bit
         # (csrc/elementwise.h merge_remainder). Zero remainders: the master is the parameter.
@@ -217,25 +218,48 @@ class Arena:
             if name not in self.state:
                 self.state[name] = torch.zeros(self.shard_numel, dtype=self.state_dtype, device=self.device)
 
-    def check_param(self, i: int) -> None:
-        """Raises if parameter i no longer lives in this arena (converted, moved or replaced)."""
+    def take_back(self, i: int) -> bool:
+        """Parameter i lives in this arena again; False where it cannot.
+
+        Its data may have been replaced by a tensor of the same dtype, device and shape:
+        Accelerate's prepare_model does `model.to("cpu:0")` in a multi-process CPU run, which
+        copies every CPU tensor; `p.data = ...` does it by hand. torch.optim keeps such a
+        parameter (it holds the Parameter, not its memory), so the arena does too: the new
+        values are copied into its slice and the parameter aliases that slice again (the same
+        address as before, so every recorded data_ptr holds). Values that differ from the
+        arena's are an edit from outside and re-seed the master, as an in-place change does; a
+        copy keeps it. Another dtype, device or shape cannot be taken back (param_error)."""
         p = self.params[i]
-        if p.data_ptr() != self.data_ptrs[i] or p.dtype != self.dtype:
-            raise RuntimeError(self.param_error(i))
+        if p.data_ptr() == self.data_ptrs[i] and p.dtype == self.dtype:
+            return True
+        if p.dtype != self.dtype or p.device != self.device or p.shape != self.shapes[i]:
+            return False
+        view = self.view(self.param, i)
+        with torch.no_grad():
+            edited = self.has_master and not torch.equal(p.data, view)
+            view.copy_(p.data)
+            p.data = alias(view)
+        if edited:
+            self.reseed_master(i)
+        else:
+            self.versions[i] = p._version
+        return True
+
+    def take_back_params(self) -> None:
+        """take_back for every parameter; raises for one that was converted or moved."""
+        for i in range(len(self.params)):
+            if not self.take_back(i):
+                raise RuntimeError(self.param_error(i))
 
     def param_error(self, i: int) -> str:
         p = self.params[i]
         return (
-            f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) was converted, moved or "
-            f"replaced after its fusedaccum optimizer was built: it is now {p.dtype} on {p.device}, its optimizer "
-            f"holds it as {self.dtype} on {self.device} (model.to(dtype/device), model.half(), .data = ..., "
-            f"load_state_dict(assign=True), share_memory()). Build the optimizer after the model is on its device "
-            f"and in its final dtype, or build a new optimizer now (it takes over these parameters)."
+            f"parameter {i} of param group {self.group_index} was converted or moved after its fusedaccum optimizer "
+            f"was built: it is now {p.dtype} on {p.device} with shape {tuple(p.shape)}, its optimizer holds it as "
+            f"{self.dtype} on {self.device} with shape {tuple(self.shapes[i])} (model.to(dtype/device), model.half(), "
+            f"model.cuda(), .data = ...). Build the optimizer after the model is on its device and in its final dtype "
+            f"(as torch's and Hugging Face's docs ask), or build a new optimizer now (it takes over these parameters)."
         )
-
-    def check_params(self) -> None:
-        for i in range(len(self.params)):
-            self.check_param(i)
 
     def reset_state(self, i: int) -> None:
         """Parameter i starts over as if never stepped: zero state, step 0, master = parameter."""

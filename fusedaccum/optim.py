@@ -145,7 +145,8 @@ class FusedOptimizer:
         """Brings the arenas in line with what torch shows the user, before a step.
 
         This is the one place where the visible state wins over the arena's copy of it: a
-        parameter converted or moved raises; a parameter changed in place re-seeds its fp32
+        parameter converted or moved raises; one whose data was replaced by a tensor of the same
+        dtype, device and shape is taken back (Arena.take_back); one changed in place re-seeds its fp32
         master; optimizer.state[p] cleared, replaced or edited is adopted into the arena (the
         parameter starts over where it has no state); the gradients are p.grad, or the
         accumulator's window where it hides them. Returns, per arena, which parameters step.
@@ -156,7 +157,8 @@ class FusedOptimizer:
             names = self._state_names_for(self.param_groups[arena.group_index])
             in_place, changed_versions, changed_states = _probe(arena, state)
             if not in_place:
-                arena.check_params()
+                arena.take_back_params()  # data replaced: taken back (or a conversion raises)
+                in_place, changed_versions, changed_states = _probe(arena, state)
             for i in changed_versions:
                 arena.reseed_master(i)
             adopted = False

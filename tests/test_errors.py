@@ -172,12 +172,15 @@ def test_bad_accumulator_arguments(bad):
         fa.GradAccumulator(fa.Adam(model().parameters()), **bad)
 
 
-def test_parameter_moved_after_the_optimizer_was_built():
+@pytest.mark.parametrize("new", [lambda w: w.bfloat16(), lambda w: w[:1].clone()], ids=["dtype", "shape"])
+def test_parameter_converted_after_the_optimizer_was_built(new):
+    """A copy is taken back (test_fidelity); another dtype or shape cannot be."""
     m = model()
     opt = fa.SGD(m.parameters(), lr=0.1)
-    m.weight.data = m.weight.data.clone()  # what model.to(...) does to every parameter
-    backward(m)
-    with pytest.raises(RuntimeError, match="converted, moved or replaced after its fusedaccum optimizer was built"):
+    m.weight.data = new(m.weight.data)
+    m.weight.grad = torch.ones_like(m.weight)
+    m.bias.grad = torch.ones_like(m.bias)
+    with pytest.raises(RuntimeError, match="converted or moved after its fusedaccum optimizer was built"):
         opt.step()
 
 

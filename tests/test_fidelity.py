@@ -1004,6 +1004,69 @@ def test_model_converted_after_the_optimizer_was_built(mode, probe):
         loop.window(data(1)[0])
 
 
+REPLACE = {
+    # Accelerate's prepare_model in a multi-process CPU run (HF Trainer or `accelerate launch` under
+    # torchrun): its device is "cpu:0", and .to("cpu:0") copies every CPU tensor.
+    "model.to('cpu:0')": lambda m: m.to("cpu:0"),
+    "p.data = p.data.clone()": lambda m: [setattr(p, "data", p.data.clone()) for p in m.parameters()],
+}
+
+
+@pytest.mark.parametrize("when", ["before the first window", "between windows", "between micro-batches"])
+@pytest.mark.parametrize("change", list(REPLACE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["plain", "swap-in", "full"])
+def test_parameter_data_replaced_by_a_copy(mode, dtype, change, when, probe):
+    """A parameter whose data was replaced by a copy (same dtype, device, shape and values) after
+    the optimizer was built is kept, as torch.optim keeps it: the run is bit-identical to one
+    without the copy (parameters and state, the fp32 master included), and the parameter lives
+    in the arena again."""
+    windows = data(3)
+
+    def run(replace):
+        model = linear(dtype=dtype)
+        loop = Loop(mode, model, "AdamW", forward=cast_forward(model), fa_kw={"master_weights": True}, lr=0.05)
+        at = {"before the first window": (0, 0), "between windows": (1, 0), "between micro-batches": (1, 1)}[when]
+        for w, window in enumerate(windows):
+            for k, micro_batch in enumerate(window):
+                if replace and (w, k) == at:
+                    before = [p.data_ptr() for p in model.parameters()]
+                    with torch.no_grad():
+                        REPLACE[change](model)
+                    assert all(p.data_ptr() != b for p, b in zip(model.parameters(), before)), "no copy was made"
+                loop.backward([micro_batch])
+            loop.step()
+            loop.zero_grad()
+        (arena,) = loop.opt.arenas
+        assert [p.data_ptr() for p in model.parameters()] == arena.data_ptrs, "the parameters left the arena"
+        return snapshot(model), loop.opt.state_dict()["state"]
+
+    (want, want_state), (got, got_state) = run(False), run(True)
+    assert_params(want, got, rtol=0, atol=0)
+    torch.testing.assert_close(got_state, want_state, rtol=0, atol=0)
+
+
+def test_parameter_data_replaced_by_other_values_reseeds_the_master():
+    """p.data = new values (not a copy) is an edit from outside, like p.copy_(new): the step
+    starts from the new bf16 values (the master is re-seeded), bit for bit as after copy_."""
+    windows = data(2)
+
+    def run(edit):
+        model = linear(dtype=torch.bfloat16)
+        loop = Loop("full", model, "AdamW", forward=cast_forward(model), fa_kw={"master_weights": True}, lr=0.05)
+        loop.window(windows[0])
+        new = NEW(model.weight).bfloat16()
+        with torch.no_grad():
+            edit(model.weight, new)
+        loop.window(windows[1])
+        return snapshot(model), loop.opt.state_dict()["state"]
+
+    want, want_state = run(lambda p, new: p.copy_(new))
+    got, got_state = run(lambda p, new: setattr(p, "data", new))
+    assert_params(want, got, rtol=0, atol=0)
+    torch.testing.assert_close(got_state, want_state, rtol=0, atol=0)
+
+
 class Boom(Exception):
     pass
 
