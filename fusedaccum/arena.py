@@ -228,12 +228,15 @@ class Arena:
         values are copied into its slice and the parameter aliases that slice again (the same
         address as before, so every recorded data_ptr holds). Values that differ from the
         arena's are an edit from outside and re-seed the master, as an in-place change does; a
-        copy keeps it. Another dtype, device or shape cannot be taken back (param_error)."""
+        copy keeps it. Another dtype, device or shape cannot be taken back (param_error), nor
+        memory shared with other processes (share_memory())."""
         p = self.params[i]
         if p.data_ptr() == self.data_ptrs[i] and p.dtype == self.dtype:
             return True
         if p.dtype != self.dtype or p.device != self.device or p.shape != self.shapes[i]:
             return False
+        if p.device.type == "cpu" and p.is_shared():
+            return False  # model.share_memory(): taken back, it would silently stop being shared
         view = self.view(self.param, i)
         with torch.no_grad():
             edited = self.has_master and not torch.equal(p.data, view)
@@ -246,7 +249,7 @@ class Arena:
         return True
 
     def take_back_params(self) -> None:
-        """take_back for every parameter; raises for one that was converted or moved."""
+        """take_back for every parameter; raises for one that was converted, moved or shared."""
         for i in range(len(self.params)):
             if not self.take_back(i):
                 raise RuntimeError(self.param_error(i))
@@ -254,11 +257,12 @@ class Arena:
     def param_error(self, i: int) -> str:
         p = self.params[i]
         return (
-            f"parameter {i} of param group {self.group_index} was converted or moved after its fusedaccum optimizer "
-            f"was built: it is now {p.dtype} on {p.device} with shape {tuple(p.shape)}, its optimizer holds it as "
-            f"{self.dtype} on {self.device} with shape {tuple(self.shapes[i])} (model.to(dtype/device), model.half(), "
-            f"model.cuda(), .data = ...). Build the optimizer after the model is on its device and in its final dtype "
-            f"(as torch's and Hugging Face's docs ask), or build a new optimizer now (it takes over these parameters)."
+            f"parameter {i} of param group {self.group_index} was converted, moved or shared after its fusedaccum "
+            f"optimizer was built: it is now {p.dtype} on {p.device} with shape {tuple(p.shape)}, its optimizer holds "
+            f"it as {self.dtype} on {self.device} with shape {tuple(self.shapes[i])} (model.to(dtype/device), "
+            f"model.half(), model.cuda(), .data = ...; or model.share_memory(), which the arenas do not support). "
+            f"Build the optimizer after the model is on its device and in its final dtype (as torch's and Hugging "
+            f"Face's docs ask), or build a new optimizer now (it takes over these parameters)."
         )
 
     def reset_state(self, i: int) -> None:

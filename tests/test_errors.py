@@ -172,15 +172,17 @@ def test_bad_accumulator_arguments(bad):
         fa.GradAccumulator(fa.Adam(model().parameters()), **bad)
 
 
-@pytest.mark.parametrize("new", [lambda w: w.bfloat16(), lambda w: w[:1].clone()], ids=["dtype", "shape"])
+@pytest.mark.parametrize("new", [lambda w: w.bfloat16(), lambda w: w[:1].clone(), lambda w: w.clone().share_memory_()],
+                         ids=["dtype", "shape", "shared"])
 def test_parameter_converted_after_the_optimizer_was_built(new):
-    """A copy is taken back (test_fidelity); another dtype or shape cannot be."""
+    """A copy is taken back (test_fidelity); another dtype or shape cannot be, and memory shared
+    with other processes (model.share_memory()) would silently stop being shared."""
     m = model()
     opt = fa.SGD(m.parameters(), lr=0.1)
     m.weight.data = new(m.weight.data)
     m.weight.grad = torch.ones_like(m.weight)
     m.bias.grad = torch.ones_like(m.bias)
-    with pytest.raises(RuntimeError, match="converted or moved after its fusedaccum optimizer was built"):
+    with pytest.raises(RuntimeError, match="converted, moved or shared after its fusedaccum optimizer was built"):
         opt.step()
 
 

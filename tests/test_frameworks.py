@@ -22,7 +22,10 @@ on the CPU, for a few optimizer steps. Per framework:
 """
 import contextlib
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,7 +39,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
-from accelerate import Accelerator  # noqa: E402
+from accelerate import Accelerator, DistributedDataParallelKwargs  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
@@ -335,7 +338,10 @@ def accelerate_run(model, make_opt, samples, *, clip=None, skip_batches=0, save=
     clip_grad_norm_ when sync_gradients, optimizer.step() and zero_grad() on every micro-batch.
     Returns (model, the norms clip_grad_norm_ returned)."""
     _reset_accelerate()
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA)
+    # Under torchrun (test_trainer_and_accelerate_under_torchrun) the model is DDP-wrapped, and WithSide
+    # leaves a module out of some windows, as HF Trainer's DDP default allows.
+    unused = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA, kwargs_handlers=[unused])
     loader = DataLoader(samples, batch_size=BATCH, shuffle=False)
     model, opt, loader = accelerator.prepare(model, make_opt(model.parameters()), loader)
     if load is not None:
@@ -539,3 +545,64 @@ def test_fused_llama_full_path_matches_torch():
     for want, have in norms:
         assert have == pytest.approx(want, rel=1e-5)
     assert_same_params(ref, got, "fused Llama vs torch.optim")
+
+
+# -- data parallel: the same frameworks under torchrun (2 ranks on gloo) ---------------------------
+
+
+def test_trainer_and_accelerate_under_torchrun(tmp_path):
+    """HF Trainer and an Accelerate loop as users launch them data-parallel on CPU (torchrun, 2
+    processes): each wraps the model in DDP and moves it to "cpu:0", which copies every parameter
+    after the optimizer was built (test_fidelity's test_parameter_data_replaced_by_a_copy). fp32
+    with the framework's clip and a module unused in a window equal torch.optim; bf16 with master
+    weights and the framework's clip is in the bf16 band (bf16_outliers: p.grad stays visible
+    under DDP, so that clip sees it); every rank ends with the same parameters."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           "--data-parallel", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-6000:]
+    assert "every check passed on 2 ranks" in res.stdout, out[-6000:]
+
+
+def _data_parallel_checks(root: Path) -> None:
+    """Runs on every rank under torchrun; rank 0 compares (each rank's parameters are its own)."""
+    torch.set_num_threads(1)
+    samples = windows_of(3 * 2)  # a distributed sampler gives each of the 2 ranks half
+    rank = int(os.environ["RANK"])
+    models = {}
+
+    def trainer(model, make_opt, **kw):
+        models[len(models)] = trainer_run(model, make_opt, samples, root / "trainer", steps=3, **kw).model
+        return models[len(models) - 1]
+
+    def accelerate(model, make_opt, **kw):
+        models[len(models)] = accelerate_run(model, make_opt, samples, **kw)[0]
+        return models[len(models) - 1]
+
+    for run in (trainer, accelerate):
+        _reset_accelerate()
+        want, got = run(tiny_llama(), TORCH, clip=CLIP), run(tiny_llama(), FA, clip=CLIP)
+        assert_moved(tiny_llama(), want)
+        assert_same_params(want, got, f"{run.__name__}, fp32 with clip")
+        want, got = run(WithSide(), TORCH), run(WithSide(), FA)
+        assert_same_params(want, got, f"{run.__name__}, a module unused in window 2")
+        # Under torch.distributed swap-in keeps p.grad visible (DDP reduces it): the framework's clip sees it.
+        bf16 = lambda dtype, make_opt: run(tiny_llama(bf16_init=True, dtype=dtype), make_opt, clip=CLIP)  # noqa: E731
+        ref32, torch_bf16 = bf16(torch.float32, TORCH), bf16(torch.bfloat16, TORCH)
+        with clip_warnings() as warned:
+            got = bf16(torch.bfloat16, FA)
+        assert not warned, warned[0].message
+        assert not bf16_outliers(ref32, torch_bf16, got), bf16_outliers(ref32, torch_bf16, got)
+    for k, model in models.items():  # the ranks agree
+        flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+        both = [torch.empty_like(flat) for _ in range(2)]
+        torch.distributed.all_gather(both, flat)
+        assert torch.equal(both[0], both[1]), f"run {k}: the ranks' parameters differ"
+    if rank == 0:
+        print("every check passed on 2 ranks", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--data-parallel"]:
+        _data_parallel_checks(Path(sys.argv[2]))
