@@ -338,7 +338,7 @@ def accelerate_run(model, make_opt, samples, *, clip=None, skip_batches=0, save=
     clip_grad_norm_ when sync_gradients, optimizer.step() and zero_grad() on every micro-batch.
     Returns (model, the norms clip_grad_norm_ returned)."""
     _reset_accelerate()
-    # Under torchrun (test_trainer_and_accelerate_under_torchrun) the model is DDP-wrapped, and WithSide
+    # Under torchrun (test_frameworks_under_torchrun) the model is DDP-wrapped, and WithSide
     # leaves a module out of some windows, as HF Trainer's DDP default allows.
     unused = DistributedDataParallelKwargs(find_unused_parameters=True)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA, kwargs_handlers=[unused])
@@ -434,10 +434,12 @@ class LitLM(pl.LightningModule):
         return self.make_opt(self.parameters())
 
 
-def lightning_run(model, make_opt, samples, root, *, epochs=1, clip=None, bf16=False, checkpoint=None, ckpt_path=None):
+def lightning_run(model, make_opt, samples, root, *, epochs=1, clip=None, bf16=False, checkpoint=None, ckpt_path=None,
+                  devices=1):
     lit = LitLM(model, make_opt)
+    ddp = {"strategy": "ddp_find_unused_parameters_true"} if devices > 1 else {}  # WithSide leaves a module out
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, accumulate_grad_batches=GA, gradient_clip_val=clip,
+        accelerator="cpu", devices=devices, **ddp, max_epochs=epochs, accumulate_grad_batches=GA, gradient_clip_val=clip,
         precision="bf16-true" if bf16 else "32-true", logger=False, callbacks=[checkpoint] if checkpoint else [],
         enable_checkpointing=checkpoint is not None, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=str(root),
@@ -550,10 +552,11 @@ def test_fused_llama_full_path_matches_torch():
 # -- data parallel: the same frameworks under torchrun (2 ranks on gloo) ---------------------------
 
 
-def test_trainer_and_accelerate_under_torchrun(tmp_path):
-    """HF Trainer and an Accelerate loop as users launch them data-parallel on CPU (torchrun, 2
-    processes): each wraps the model in DDP and moves it to "cpu:0", which copies every parameter
-    after the optimizer was built (test_fidelity's test_parameter_data_replaced_by_a_copy). fp32
+def test_frameworks_under_torchrun(tmp_path):
+    """HF Trainer, an Accelerate loop and Lightning as users launch them data-parallel on CPU
+    (torchrun, 2 processes), each wrapping the model in DDP. Accelerate (and so the Trainer) moves
+    it to "cpu:0" first, which copies every parameter after the optimizer was built (test_fidelity's
+    test_parameter_data_replaced_by_a_copy). fp32
     with the framework's clip and a module unused in a window equal torch.optim; bf16 with master
     weights and the framework's clip is in the bf16 band (bf16_outliers: p.grad stays visible
     under DDP, so that clip sees it); every rank ends with the same parameters."""
@@ -580,7 +583,11 @@ def _data_parallel_checks(root: Path) -> None:
         models[len(models)] = accelerate_run(model, make_opt, samples, **kw)[0]
         return models[len(models) - 1]
 
-    for run in (trainer, accelerate):
+    def lightning(model, make_opt, **kw):
+        models[len(models)] = lightning_run(model, make_opt, samples, root / "lightning", devices=2, **kw).model
+        return models[len(models) - 1]
+
+    for run in (trainer, accelerate, lightning):
         _reset_accelerate()
         want, got = run(tiny_llama(), TORCH, clip=CLIP), run(tiny_llama(), FA, clip=CLIP)
         assert_moved(tiny_llama(), want)
