@@ -128,6 +128,7 @@ class DataParallel:
         src = dist.get_global_rank(self.group, 0)
         with torch.no_grad():
             for w in self.windows:
+                w.arena.take_back_params()  # the broadcast writes the arena: the parameters must alias it
                 flats = [w.arena.param]
                 if not w.arena.sharded:
                     # gloo and NCCL have no int16: a broadcast copies bits, so the remainder goes as bytes

@@ -487,6 +487,21 @@ def _fa_plain(rank: int, shard: bool, pg, wire: torch.dtype | None = None):
     return _snapshot(model)
 
 
+def _fa_copied(rank: int, pg):
+    """The optimizer built, then every parameter copied (Accelerate's model.to("cpu:0") under
+    torchrun), then the accumulator: the ranks start from rank 0's parameters all the same."""
+    model = _model(rank)
+    opt = fa.AdamW(model.parameters(), lr=2e-2)
+    model.to("cpu:0")
+    acc = fa.GradAccumulator(opt, accumulation_steps=MICRO, max_grad_norm=CLIP, process_group=pg, **BUCKETS)
+    for w in range(WINDOWS):
+        for m in range(MICRO):
+            x, y = _batch(rank, w, m)
+            acc.backward(F.mse_loss(model(x), y))
+            acc.step()
+    return _snapshot(model)
+
+
 def _roundtrip(obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -663,6 +678,7 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str, backends: lis
             run((b, "plain" + z), b, functools.partial(_fa_plain, **bf16_wire), rank, shard)
             run((b, "resume-mid" + z), b, functools.partial(_fa_resume, **bf16_wire), rank, False, shard)
             run((b, "resume-reduced" + z), b, functools.partial(_fa_resume, **bf16_wire), rank, True, shard)
+        run((b, "copied"), b, _fa_copied, rank)
         run((b, "zero1-checkpoint"), b, _fa_zero1_checkpoint, rank)
         for dtype in ("fp32", "bf16"):
             run((b, "zero1-sharded-checkpoint-" + dtype), b, _fa_sharded_checkpoint, rank, dtype)
@@ -729,6 +745,14 @@ def test_matches_ddp_no_sync_and_torch_optim(case, device_backend, spawned):
     problems = [p for r in range(len(refs)) for p in _close(got[r]["params"], refs[r], case.precision, f"rank {r}")]
     assert not problems, "data parallel differs from DDP + no_sync + torch.optim:\n" + "\n".join(problems)
     assert len({tuple(g["norms"]) for g in got}) == 1, "the ranks see different gradient norms"
+
+
+def test_parameters_copied_before_the_accumulator_start_from_rank_0s(device_backend, spawned):
+    b = _backend(device_backend)
+    got, want = _results(spawned, (b, "copied")), _results(spawned, (b, "plain"))
+    _identical_across_ranks(got, "fa after model.to('cpu:0')")
+    for name, t in want[0].items():
+        assert torch.equal(got[0][name], t), f"{name}: not the run without the copy"
 
 
 def test_a_parameter_used_on_one_rank_steps_everywhere(device_backend, spawned):
