@@ -443,9 +443,13 @@ def _fa_wire(rank: int, shard: bool, pg):
     return {"local": local, "reduced": reduced, "arena": arena, "dtypes": dtypes}
 
 
-def _build_adamw(rank: int, pg, shard: bool = False, wire: torch.dtype | None = None):
+def _build_adamw(rank: int, pg, shard: bool = False, wire: torch.dtype | None = None, between=None):
+    """between(model): done after the optimizer is built, before the accumulator."""
     model = _model(rank)
-    acc = fa.GradAccumulator(fa.AdamW(model.parameters(), lr=2e-2), accumulation_steps=MICRO, max_grad_norm=CLIP,
+    opt = fa.AdamW(model.parameters(), lr=2e-2)
+    if between is not None:
+        between(model)
+    acc = fa.GradAccumulator(opt, accumulation_steps=MICRO, max_grad_norm=CLIP,
                              process_group=pg, shard_optimizer_state=shard, reduce_dtype=wire, **BUCKETS)
     return model, acc
 
@@ -477,23 +481,8 @@ def _fa_resume(rank: int, after_backward: bool, shard: bool, pg, wire: torch.dty
     return _snapshot(model)
 
 
-def _fa_plain(rank: int, shard: bool, pg, wire: torch.dtype | None = None):
-    model, acc = _build_adamw(rank, pg, shard, wire)
-    for w in range(WINDOWS):
-        for m in range(MICRO):
-            x, y = _batch(rank, w, m)
-            acc.backward(F.mse_loss(model(x), y))
-            acc.step()
-    return _snapshot(model)
-
-
-def _fa_copied(rank: int, pg):
-    """The optimizer built, then every parameter copied (Accelerate's model.to("cpu:0") under
-    torchrun), then the accumulator: the ranks start from rank 0's parameters all the same."""
-    model = _model(rank)
-    opt = fa.AdamW(model.parameters(), lr=2e-2)
-    model.to("cpu:0")
-    acc = fa.GradAccumulator(opt, accumulation_steps=MICRO, max_grad_norm=CLIP, process_group=pg, **BUCKETS)
+def _fa_plain(rank: int, shard: bool, pg, wire: torch.dtype | None = None, between=None):
+    model, acc = _build_adamw(rank, pg, shard, wire, between)
     for w in range(WINDOWS):
         for m in range(MICRO):
             x, y = _batch(rank, w, m)
@@ -678,7 +667,8 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str, backends: lis
             run((b, "plain" + z), b, functools.partial(_fa_plain, **bf16_wire), rank, shard)
             run((b, "resume-mid" + z), b, functools.partial(_fa_resume, **bf16_wire), rank, False, shard)
             run((b, "resume-reduced" + z), b, functools.partial(_fa_resume, **bf16_wire), rank, True, shard)
-        run((b, "copied"), b, _fa_copied, rank)
+        # every parameter copied between the optimizer and the accumulator (Accelerate under torchrun)
+        run((b, "copied"), b, functools.partial(_fa_plain, between=lambda m: m.to("cpu:0")), rank, False)
         run((b, "zero1-checkpoint"), b, _fa_zero1_checkpoint, rank)
         for dtype in ("fp32", "bf16"):
             run((b, "zero1-sharded-checkpoint-" + dtype), b, _fa_sharded_checkpoint, rank, dtype)
