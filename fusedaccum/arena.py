@@ -373,6 +373,14 @@ def build_arenas(param_groups: list[dict], master_weights: bool | str, start: in
                     f"subclasses too). Keep such parameters on a torch.optim optimizer; for data parallel, use "
                     f"fa.GradAccumulator(opt, ..., process_group=...) on the model itself instead of sharding it."
                 )
+            if p.device.type == "cpu" and p.is_shared():
+                # The arena would hold a private copy: the other processes would stop seeing the updates.
+                raise ValueError(
+                    f"{name} is in memory shared between processes (model.share_memory() for Hogwild training, or a "
+                    f"model passed to torch.multiprocessing): a fusedaccum arena would keep a private copy of it, and "
+                    f"the other processes would no longer see its updates. Keep shared parameters on a torch.optim "
+                    f"optimizer, or build the model inside each process."
+                )
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(
                     f"fusedaccum optimizers support float32, bfloat16 and float16 parameters; {name} is {p.dtype}. "

@@ -186,6 +186,16 @@ def test_parameter_converted_after_the_optimizer_was_built(new):
         opt.step()
 
 
+def test_parameters_in_shared_memory_are_refused():
+    """Hogwild (model.share_memory(), an optimizer per process): a private arena copy would
+    silently stop the processes from sharing updates."""
+    m = model()
+    m.share_memory()
+    with pytest.raises(ValueError, match="shared between processes"):
+        fa.SGD(m.parameters(), lr=0.1)
+    assert m.weight.is_shared(), "a refused optimizer leaves the parameters where they were"
+
+
 def test_unsupported_parameter_dtype_and_flags():
     with pytest.raises(ValueError, match="float32, bfloat16 and float16"):
         fa.Adam(model().double().parameters())
