@@ -229,7 +229,7 @@ class Arena:
         address as before, so every recorded data_ptr holds). Values that differ from the
         arena's are an edit from outside and re-seed the master, as an in-place change does; a
         copy keeps it. Another dtype, device or shape cannot be taken back (param_error), nor
-        memory shared with other processes (share_memory())."""
+        memory shared with other processes (share_memory()) or another parameter's slice."""
         p = self.params[i]
         if p.data_ptr() == self.data_ptrs[i] and p.dtype == self.dtype:
             return True
@@ -237,6 +237,8 @@ class Arena:
             return False
         if p.device.type == "cpu" and p.is_shared():
             return False  # model.share_memory(): taken back, it would silently stop being shared
+        if self._in_arena(p):
+            return False  # another parameter's memory (p.data = q.data ties them): a copy would untie them
         view = self.view(self.param, i)
         with torch.no_grad():
             edited = self.has_master and not torch.equal(p.data, view)
@@ -248,6 +250,10 @@ class Arena:
             self.versions[i] = p._version
         return True
 
+    def _in_arena(self, p: torch.Tensor) -> bool:
+        start = self.param.data_ptr()
+        return start <= p.data_ptr() < start + self.param.numel() * self.param.element_size()
+
     def take_back_params(self) -> None:
         """take_back for every parameter; raises for one that was converted, moved or shared."""
         for i in range(len(self.params)):
@@ -256,6 +262,13 @@ class Arena:
 
     def param_error(self, i: int) -> str:
         p = self.params[i]
+        if (p.dtype, p.device, p.shape) == (self.dtype, self.device, self.shapes[i]) and self._in_arena(p):
+            return (
+                f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) was given another "
+                f"parameter's memory after its fusedaccum optimizer was built (p.data = q.data): two parameters of one "
+                f"optimizer cannot share memory. Tie them by assigning the Parameter itself (module.weight = "
+                f"other.weight, as transformers ties embeddings), then build the optimizer."
+            )
         return (
             f"parameter {i} of param group {self.group_index} was converted, moved or shared after its fusedaccum "
             f"optimizer was built: it is now {p.dtype} on {p.device} with shape {tuple(p.shape)}, its optimizer holds "

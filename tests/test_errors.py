@@ -186,6 +186,18 @@ def test_parameter_converted_after_the_optimizer_was_built(new):
         opt.step()
 
 
+def test_a_parameter_given_another_ones_memory_is_refused():
+    """p.data = q.data ties two parameters of one arena: taken back as a copy it would be untied
+    (torch.optim steps the shared memory for both)."""
+    m = torch.nn.Linear(4, 4, bias=False)
+    other = torch.nn.Linear(4, 4, bias=False)
+    opt = fa.SGD([*m.parameters(), *other.parameters()], lr=0.1)
+    other.weight.data = m.weight.data
+    other.weight.grad = torch.ones_like(other.weight)
+    with pytest.raises(RuntimeError, match="another parameter's memory"):
+        opt.step()
+
+
 def test_parameters_in_shared_memory_are_refused():
     """Hogwild (model.share_memory(), an optimizer per process): a private arena copy would
     silently stop the processes from sharing updates."""
