@@ -50,6 +50,9 @@ class FusedOptimizer:
 
     def _init_arenas(self) -> None:
         self._arenas: list[Arena] = []
+        # Per param group, the parameters its arenas were built from: torch.optim reads
+        # group["params"] at every step, the arenas do not, so an edit by hand is refused (_check_groups).
+        self._group_params: list[tuple] = []
         self._accumulator = None
         self._superseded = False
         self._loading: dict | None = None  # the state_dict being loaded, as the pre-hooks left it
@@ -63,6 +66,7 @@ class FusedOptimizer:
         except Exception:
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
             raise
+        self._group_params.append(tuple(self.param_groups[-1]["params"]))
         self._adopt_arenas(arenas)
 
     def _adopt_arenas(self, arenas: list[Arena]) -> None:
@@ -151,6 +155,7 @@ class FusedOptimizer:
         parameter starts over where it has no state); the gradients are p.grad, or the
         accumulator's window where it hides them. Returns, per arena, which parameters step.
         """
+        self._check_groups()
         state, acc = self.state, self._accumulator
         touched = []
         for arena in self._arenas:
@@ -178,6 +183,20 @@ class FusedOptimizer:
                 arena.renumber_step_classes()
             touched.append(acc._collect(arena) if acc is not None else self._gather_grads(arena))
         return touched
+
+    def _check_groups(self) -> None:
+        groups, built = self.param_groups, self._group_params
+        if len(groups) == len(built) and all(
+            len(g["params"]) == len(b) and all(map(operator.is_, g["params"], b)) for g, b in zip(groups, built)
+        ):
+            return
+        raise RuntimeError(
+            f"{type(self).__name__}.param_groups was edited by hand after the optimizer was built (parameters "
+            f"added to, removed from or replaced in a group's 'params', or a group added or removed without "
+            f"add_param_group): torch.optim would step the new list, but fusedaccum holds each group's parameters "
+            f"in arenas built when the group was added. Add parameters with optimizer.add_param_group({{'params': "
+            f"...}}); to drop or replace some, build a new optimizer (it can load this one's state_dict)."
+        )
 
     def _adopt_state(self, arena: Arena, i: int, entry: dict, names: tuple[str, ...]) -> None:
         """Copies a state entry set or loaded by hand into the arena and publishes its views."""
@@ -460,6 +479,7 @@ class FusedOptimizer:
             super().__setstate__(state)
             self._init_arenas()
             for gi in range(len(self.param_groups)):
+                self._group_params.append(tuple(self.param_groups[gi]["params"]))
                 self._adopt_arenas(build_arenas(self.param_groups[gi : gi + 1], self.master_weights, start=gi))
             return
         super().__setstate__(state)  # from load_state_dict, before its post-hooks

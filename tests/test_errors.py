@@ -198,6 +198,35 @@ def test_a_parameter_given_another_ones_memory_is_refused():
         opt.step()
 
 
+GROUP_EDITS = {
+    "params.append": lambda opt, other: opt.param_groups[0]["params"].append(other.weight),
+    "params = other list": lambda opt, other: opt.param_groups[0].__setitem__("params", list(other.parameters())),
+    "params[0] = other": lambda opt, other: opt.param_groups[0]["params"].__setitem__(0, other.weight),
+    "param_groups.pop()": lambda opt, other: (opt.add_param_group({"params": list(other.parameters())}),
+                                              opt.param_groups.pop()),
+}
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["plain", "full"])
+@pytest.mark.parametrize("edit", list(GROUP_EDITS))
+def test_param_groups_edited_by_hand_are_refused(edit, full):
+    """torch.optim reads group["params"] at every step; the arenas were built from it once, so an
+    edit by hand would be ignored: it is an error instead. A new list of the same parameters and
+    add_param_group are fine."""
+    m, other = model(), model()
+    opt = fa.SGD(m.parameters(), lr=0.1)
+    acc = fa.GradAccumulator(opt, accumulation_steps=1) if full else None
+    opt.param_groups[0]["params"] = list(opt.param_groups[0]["params"])
+    GROUP_EDITS[edit](opt, other)
+    with pytest.raises(RuntimeError, match="param_groups was edited by hand"):
+        if full:
+            acc.backward(m(torch.ones(2, 4)).sum())
+            acc.step()
+        else:
+            backward(m)
+            opt.step()
+
+
 def test_parameters_in_shared_memory_are_refused():
     """Hogwild (model.share_memory(), an optimizer per process): a private arena copy would
     silently stop the processes from sharing updates."""
