@@ -213,10 +213,14 @@ class Arena:
             self.grad = torch.zeros(self.numel, dtype=dtype, device=self.device)
         return self.grad
 
-    def ensure_state(self, names: tuple[str, ...]) -> None:
+    def ensure_state(self, names: tuple[str, ...]) -> bool:
+        """Allocates the state buffers not made yet; returns whether it made one."""
+        made = False
         for name in names:
             if name not in self.state:
                 self.state[name] = torch.zeros(self.shard_numel, dtype=self.state_dtype, device=self.device)
+                made = True
+        return made
 
     def take_back(self, i: int) -> bool:
         """Parameter i lives in this arena again; False where it cannot.

@@ -290,7 +290,13 @@ class FusedOptimizer:
                 continue
             group = self.param_groups[arena.group_index]
             names = self._state_names_for(group)
-            arena.ensure_state(names)
+            if arena.ensure_state(names) and not self._publish_step:
+                # SGD's count only says whether a momentum buffer exists: momentum turned on for a
+                # group that stepped without it starts every buffer as a copy of the gradient, as
+                # torch.optim does, and shows it in optimizer.state.
+                arena.steps.zero_()
+                arena.step_class = [0] * len(arena.params)
+                arena.published = [None] * len(arena.params)
             if None in arena.published:
                 for i in range(len(t)):
                     if t[i] and arena.published[i] is None:  # first step of this parameter

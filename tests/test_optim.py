@@ -106,6 +106,44 @@ def test_large_gradients_are_stepped_where_they_are(device_backend, name, kwargs
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+EDITS = [  # (optimizer, its arguments, what param_groups[0] becomes after 2 of 5 steps)
+    ("SGD", dict(lr=0.1), dict(momentum=0.9)),
+    ("SGD", dict(lr=0.1), dict(momentum=0.9, dampening=0.5, nesterov=False)),
+    ("SGD", dict(lr=0.1, momentum=0.9), dict(momentum=0.0)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3), dict(nesterov=True, dampening=0.0, maximize=True)),
+    ("Adam", dict(lr=1e-2), dict(betas=(0.5, 0.9), weight_decay=0.1, maximize=True)),
+    ("AdamW", dict(lr=1e-2), dict(eps=1e-3, weight_decay=0.0)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,edit", EDITS, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(EDITS)])
+def test_hyperparameters_edited_between_steps(device_backend, name, kwargs, edit):
+    """torch.optim reads param_groups at every step; momentum turned on for an SGD that stepped
+    without it starts each buffer as a copy of the gradient (the first step of momentum) and
+    shows it in the state."""
+    device, backend = device_backend
+    opts, sides = [], []
+    for lib in (torch.optim, fa):
+        params = make_params(device)
+        opt = getattr(lib, name)(params, **kwargs)
+        for s in range(5):
+            if s == 2:
+                opt.param_groups[0].update(edit)
+            for p, g in zip(params, grads_for(params, s, device)):
+                p.grad = g
+            opt.step()
+            opt.zero_grad()
+        opts.append(opt)
+        sides.append(params)
+    for a, b in zip(*sides):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    want, got = (o.state_dict()["state"] for o in opts)
+    for k, entry in want.items():
+        for key, val in entry.items():
+            if val is not None:
+                torch.testing.assert_close(got[k][key].to(val.device).float(), val.float(), rtol=1e-5, atol=1e-6)
+
+
 def test_defaults_match_torch():
     for name in ("SGD", "Adam", "AdamW"):
         p = [torch.nn.Parameter(torch.zeros(3))]
