@@ -233,7 +233,8 @@ class Arena:
         address as before, so every recorded data_ptr holds). Values that differ from the
         arena's are an edit from outside and re-seed the master, as an in-place change does; a
         copy keeps it. Another dtype, device or shape cannot be taken back (param_error), nor
-        memory shared with other processes (share_memory()) or another parameter's slice."""
+        memory shared with other processes (share_memory()), another parameter's slice, or a view
+        into another component's buffer (ZeroRedundancyOptimizer's parameters_as_bucket_view)."""
         p = self.params[i]
         if p.data_ptr() == self.data_ptrs[i] and p.dtype == self.dtype:
             return True
@@ -243,6 +244,8 @@ class Arena:
             return False  # model.share_memory(): taken back, it would silently stop being shared
         if self._in_arena(p):
             return False  # another parameter's memory (p.data = q.data ties them): a copy would untie them
+        if _is_view(p.data):
+            return False  # another component's buffer, which relies on the parameter aliasing it
         view = self.view(self.param, i)
         with torch.no_grad():
             edited = self.has_master and not torch.equal(p.data, view)
@@ -266,13 +269,22 @@ class Arena:
 
     def param_error(self, i: int) -> str:
         p = self.params[i]
-        if (p.dtype, p.device, p.shape) == (self.dtype, self.device, self.shapes[i]) and self._in_arena(p):
-            return (
-                f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) was given another "
-                f"parameter's memory after its fusedaccum optimizer was built (p.data = q.data): two parameters of one "
-                f"optimizer cannot share memory. Tie them by assigning the Parameter itself (module.weight = "
-                f"other.weight, as transformers ties embeddings), then build the optimizer."
-            )
+        if (p.dtype, p.device, p.shape) == (self.dtype, self.device, self.shapes[i]):
+            if self._in_arena(p):
+                return (
+                    f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) was given another "
+                    f"parameter's memory after its fusedaccum optimizer was built (p.data = q.data): two parameters of "
+                    f"one optimizer cannot share memory. Tie them by assigning the Parameter itself (module.weight = "
+                    f"other.weight, as transformers ties embeddings), then build the optimizer."
+                )
+            if _is_view(p.data):
+                return (
+                    f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) became a view into "
+                    f"another buffer after its fusedaccum optimizer was built (ZeroRedundancyOptimizer with "
+                    f"parameters_as_bucket_view=True, FSDP's flat parameters): that buffer's owner relies on the "
+                    f"parameter living there, and a fusedaccum arena holds its parameters' memory itself. Use "
+                    f"parameters_as_bucket_view=False, or a torch.optim optimizer for these parameters."
+                )
         return (
             f"parameter {i} of param group {self.group_index} was converted, moved or shared after its fusedaccum "
             f"optimizer was built: it is now {p.dtype} on {p.device} with shape {tuple(p.shape)}, its optimizer holds "
@@ -362,6 +374,12 @@ class Arena:
                 else:
                     out += [self.grad[u:v] for u, v, _ in self.pieces(*self.range_of(x, y))]
         return out
+
+
+def _is_view(t: torch.Tensor) -> bool:
+    """Whether t is a view into a larger storage (someone's flat buffer) rather than a tensor that
+    owns all of its memory, as a copy (tensor.to("cpu:0"), clone()) does."""
+    return t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size()
 
 
 def build_arenas(param_groups: list[dict], master_weights: bool | str, start: int = 0) -> list[Arena]:
