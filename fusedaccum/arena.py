@@ -280,10 +280,11 @@ class Arena:
             if _is_view(p.data):
                 return (
                     f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) became a view into "
-                    f"another buffer after its fusedaccum optimizer was built (ZeroRedundancyOptimizer with "
-                    f"parameters_as_bucket_view=True, FSDP's flat parameters): that buffer's owner relies on the "
-                    f"parameter living there, and a fusedaccum arena holds its parameters' memory itself. Use "
-                    f"parameters_as_bucket_view=False, or a torch.optim optimizer for these parameters."
+                    f"another buffer after its fusedaccum optimizer was built, and a fusedaccum arena holds its "
+                    f"parameters' memory itself. ZeroRedundancyOptimizer(parameters_as_bucket_view=True) and FSDP's "
+                    f"flat parameters rely on the parameter living in their buffer: use parameters_as_bucket_view="
+                    f"False, or a torch.optim optimizer. To set values (torch.nn.utils.vector_to_parameters does it "
+                    f"with views), write them in place instead: with torch.no_grad(): p.copy_(values)."
                 )
         return (
             f"parameter {i} of param group {self.group_index} was converted, moved or shared after its fusedaccum "
