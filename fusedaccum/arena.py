@@ -238,14 +238,8 @@ class Arena:
         p = self.params[i]
         if p.data_ptr() == self.data_ptrs[i] and p.dtype == self.dtype:
             return True
-        if p.dtype != self.dtype or p.device != self.device or p.shape != self.shapes[i]:
+        if self._refusal(i) is not None:
             return False
-        if p.device.type == "cpu" and p.is_shared():
-            return False  # model.share_memory(): taken back, it would silently stop being shared
-        if self._in_arena(p):
-            return False  # another parameter's memory (p.data = q.data ties them): a copy would untie them
-        if _is_view(p.data):
-            return False  # another component's buffer, which relies on the parameter aliasing it
         view = self.view(self.param, i)
         with torch.no_grad():
             edited = self.has_master and not torch.equal(p.data, view)
@@ -257,35 +251,44 @@ class Arena:
             self.versions[i] = p._version
         return True
 
-    def _in_arena(self, p: torch.Tensor) -> bool:
+    def _refusal(self, i: int) -> str | None:
+        """Why parameter i's new data cannot be taken back, or None where it can."""
+        p = self.params[i]
+        if p.dtype != self.dtype or p.device != self.device or p.shape != self.shapes[i]:
+            return "converted"
+        if _shared_between_processes(p):
+            return "shared"  # model.share_memory(): taken back, it would silently stop being shared
         start = self.param.data_ptr()
-        return start <= p.data_ptr() < start + self.param.numel() * self.param.element_size()
+        if start <= p.data_ptr() < start + self.param.numel() * self.param.element_size():
+            return "tied"  # another parameter's slice (p.data = q.data): a copy would untie them
+        if _is_view(p.data):
+            return "view"  # another component's buffer, which relies on the parameter aliasing it
+        return None
 
     def take_back_params(self) -> None:
-        """take_back for every parameter; raises for one that was converted, moved or shared."""
+        """take_back for every parameter; raises for one that cannot be taken back."""
         for i in range(len(self.params)):
             if not self.take_back(i):
                 raise RuntimeError(self.param_error(i))
 
     def param_error(self, i: int) -> str:
-        p = self.params[i]
-        if (p.dtype, p.device, p.shape) == (self.dtype, self.device, self.shapes[i]):
-            if self._in_arena(p):
-                return (
-                    f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) was given another "
-                    f"parameter's memory after its fusedaccum optimizer was built (p.data = q.data): two parameters of "
-                    f"one optimizer cannot share memory. Tie them by assigning the Parameter itself (module.weight = "
-                    f"other.weight, as transformers ties embeddings), then build the optimizer."
-                )
-            if _is_view(p.data):
-                return (
-                    f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) became a view into "
-                    f"another buffer after its fusedaccum optimizer was built, and a fusedaccum arena holds its "
-                    f"parameters' memory itself. ZeroRedundancyOptimizer(parameters_as_bucket_view=True) and FSDP's "
-                    f"flat parameters rely on the parameter living in their buffer: use parameters_as_bucket_view="
-                    f"False, or a torch.optim optimizer. To set values (torch.nn.utils.vector_to_parameters does it "
-                    f"with views), write them in place instead: with torch.no_grad(): p.copy_(values)."
-                )
+        p, why = self.params[i], self._refusal(i)
+        if why == "tied":
+            return (
+                f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) was given another "
+                f"parameter's memory after its fusedaccum optimizer was built (p.data = q.data): two parameters of "
+                f"one optimizer cannot share memory. Tie them by assigning the Parameter itself (module.weight = "
+                f"other.weight, as transformers ties embeddings), then build the optimizer."
+            )
+        if why == "view":
+            return (
+                f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) became a view into "
+                f"another buffer after its fusedaccum optimizer was built, and a fusedaccum arena holds its "
+                f"parameters' memory itself. ZeroRedundancyOptimizer(parameters_as_bucket_view=True) and FSDP's "
+                f"flat parameters rely on the parameter living in their buffer: use parameters_as_bucket_view="
+                f"False, or a torch.optim optimizer. To set values (torch.nn.utils.vector_to_parameters does it "
+                f"with views), write them in place instead: with torch.no_grad(): p.copy_(values)."
+            )
         return (
             f"parameter {i} of param group {self.group_index} was converted, moved or shared after its fusedaccum "
             f"optimizer was built: it is now {p.dtype} on {p.device} with shape {tuple(p.shape)}, its optimizer holds "
@@ -377,6 +380,11 @@ class Arena:
         return out
 
 
+def _shared_between_processes(t: torch.Tensor) -> bool:
+    """CPU memory shared with other processes (share_memory_(); CUDA tensors always say shared)."""
+    return t.device.type == "cpu" and t.is_shared()
+
+
 def _is_view(t: torch.Tensor) -> bool:
     """Whether t is a view into a larger storage (someone's flat buffer) rather than a tensor that
     owns all of its memory, as a copy (tensor.to("cpu:0"), clone()) does."""
@@ -409,7 +417,7 @@ def build_arenas(param_groups: list[dict], master_weights: bool | str, start: in
                     f"subclasses too). Keep such parameters on a torch.optim optimizer; for data parallel, use "
                     f"fa.GradAccumulator(opt, ..., process_group=...) on the model itself instead of sharding it."
                 )
-            if p.device.type == "cpu" and p.is_shared():
+            if _shared_between_processes(p):
                 # The arena would hold a private copy: the other processes would stop seeing the updates.
                 raise ValueError(
                     f"{name} is in memory shared between processes (model.share_memory() for Hogwild training, or a "

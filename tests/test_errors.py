@@ -80,6 +80,12 @@ def test_tensor_subclass_parameters_are_refused():
     assert plain.data_ptr() == where, "a refused group moved a parameter"
 
 
+def one_rank(script: str) -> subprocess.CompletedProcess:
+    """Runs `script` as a process of its own, one gloo rank (PORT in its environment), without GPUs."""
+    return subprocess.run([sys.executable, "-c", script], env={**os.environ, "PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""},
+                          capture_output=True, text=True, timeout=120)
+
+
 FSDP2 = """
 import os, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
@@ -98,8 +104,7 @@ dist.destroy_process_group()
 def test_fsdp2_parameters_are_refused():
     """FSDP2's fully_shard turns the parameters into DTensors (one rank on gloo, in a process of its
     own, without GPUs: fully_shard would otherwise move the model to one)."""
-    run = subprocess.run([sys.executable, "-c", FSDP2], env={**os.environ, "PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""},
-                         capture_output=True, text=True, timeout=120)
+    run = one_rank(FSDP2)
     assert "REFUSED:" in run.stdout, run.stdout + run.stderr
     assert "DTensor" in run.stdout and "process_group=" in run.stdout
 
@@ -133,8 +138,7 @@ def test_zero_redundancy_optimizer_bucket_views_are_refused():
     the optimizer and broadcasts the buckets: taken back into the arena, the parameters would
     leave the buckets and the ranks drift apart (measured on 2 ranks: 0.03 after 3 steps), so it
     is an error that names the option."""
-    run = subprocess.run([sys.executable, "-c", ZERO], env={**os.environ, "PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""},
-                         capture_output=True, text=True, timeout=120)
+    run = one_rank(ZERO)
     diff = [line for line in run.stdout.splitlines() if line.startswith("DIFF:")]
     assert diff and float(diff[0].split()[1]) <= 1e-6, run.stdout + run.stderr
     assert "REFUSED:" in run.stdout and "parameters_as_bucket_view=False" in run.stdout, run.stdout + run.stderr

@@ -24,7 +24,8 @@ def grads_for(params, step, device):
     return out
 
 
-def run(opt_cls, params, kwargs, steps, device, groups=False, scheduler=False):
+def run(opt_cls, params, kwargs, steps, device, groups=False, scheduler=False, edit=None):
+    """edit: what param_groups[0] becomes before step 2 (torch.optim reads it at every step)."""
     if groups:
         spec = [{"params": params[:2], "lr": kwargs.get("lr", 1e-3) * 3}, {"params": params[2:]}]
     else:
@@ -32,6 +33,8 @@ def run(opt_cls, params, kwargs, steps, device, groups=False, scheduler=False):
     opt = opt_cls(spec, **kwargs)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if scheduler else None
     for s in range(steps):
+        if edit is not None and s == 2:
+            opt.param_groups[0].update(edit)
         for p, g in zip(params, grads_for(params, s, device)):
             p.grad = g
         opt.step()
@@ -39,6 +42,15 @@ def run(opt_cls, params, kwargs, steps, device, groups=False, scheduler=False):
         if sched is not None:
             sched.step()
     return opt
+
+
+def assert_same_state(torch_opt, fa_opt):
+    """Same state keys and values per parameter (fa adds a step count to SGD's state)."""
+    sd_t, sd_f = torch_opt.state_dict(), fa_opt.state_dict()
+    for k, st in sd_t["state"].items():
+        for key, val in st.items():
+            torch.testing.assert_close(sd_f["state"][k][key].to(val.device).float(), val.float(), rtol=1e-5, atol=1e-6)
+    assert set(sd_t["state"]) == set(sd_f["state"])
 
 
 GRID = [
@@ -64,13 +76,8 @@ def test_matches_torch_optim(device_backend, name, kwargs, groups, scheduler):
     fa_opt = run(getattr(fa, name), ours, kwargs, 5, device, groups, scheduler)
     for a, b in zip(ref, ours):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    # Same state keys and values per parameter (fa adds a step count to SGD's state).
-    sd_t, sd_f = torch_opt.state_dict(), fa_opt.state_dict()
-    assert sd_t["param_groups"] == [{**g} for g in sd_f["param_groups"]]
-    for k, st in sd_t["state"].items():
-        for key, val in st.items():
-            torch.testing.assert_close(sd_f["state"][k][key].to(val.device).float(), val.float(), rtol=1e-5, atol=1e-6)
-    assert set(sd_t["state"]) == set(sd_f["state"])
+    assert torch_opt.state_dict()["param_groups"] == [{**g} for g in fa_opt.state_dict()["param_groups"]]
+    assert_same_state(torch_opt, fa_opt)
 
 
 @pytest.mark.parametrize("name,kwargs", GRID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(GRID)])
@@ -122,26 +129,12 @@ def test_hyperparameters_edited_between_steps(device_backend, name, kwargs, edit
     without it starts each buffer as a copy of the gradient (the first step of momentum) and
     shows it in the state."""
     device, backend = device_backend
-    opts, sides = [], []
-    for lib in (torch.optim, fa):
-        params = make_params(device)
-        opt = getattr(lib, name)(params, **kwargs)
-        for s in range(5):
-            if s == 2:
-                opt.param_groups[0].update(edit)
-            for p, g in zip(params, grads_for(params, s, device)):
-                p.grad = g
-            opt.step()
-            opt.zero_grad()
-        opts.append(opt)
-        sides.append(params)
-    for a, b in zip(*sides):
+    ref, ours = make_params(device), make_params(device)
+    torch_opt = run(getattr(torch.optim, name), ref, kwargs, 5, device, edit=edit)
+    fa_opt = run(getattr(fa, name), ours, kwargs, 5, device, edit=edit)
+    for a, b in zip(ref, ours):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    want, got = (o.state_dict()["state"] for o in opts)
-    for k, entry in want.items():
-        for key, val in entry.items():
-            if val is not None:
-                torch.testing.assert_close(got[k][key].to(val.device).float(), val.float(), rtol=1e-5, atol=1e-6)
+    assert_same_state(torch_opt, fa_opt)
 
 
 def test_defaults_match_torch():
